@@ -1,0 +1,197 @@
+"""`ratchet`: the command line. Every command works from the repo's ratchet.toml (written by `ratchet init`).
+
+Exit codes: 0 for any decision (accepted or rejected); 2 for errors (bad arguments, broken setup).
+With --json, `try`, `baseline` and `replay` end with one JSON object on a line of its own on stdout.
+"""
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from agent import settings as settings_mod
+from agent.edits import EditError
+from agent.guard import IntegrityError
+from agent.harness import Harness, HarnessError
+from agent.ledger import Ledger
+from agent.settings import SettingsError
+from agent.view import ConsoleEvents, fmt
+from agent.workspace import Workspace, WorkspaceError, has_identity, repo_root
+
+ERRORS = (SettingsError, HarnessError, WorkspaceError, EditError, IntegrityError, FileNotFoundError)
+err = Console(stderr=True)
+
+
+def _harness(args) -> Harness:
+    root = repo_root(Path.cwd())
+    return Harness(root, settings_mod.load(root), args.tag, ConsoleEvents(err))
+
+
+def _emit(args, obj) -> None:
+    if args.json:
+        print(json.dumps(obj, default=str), flush=True)
+
+
+def _summary(row: dict) -> dict:
+    keys = ("id", "kind", "decision", "reason", "speedup", "candidate_s", "incumbent_s", "p_value", "val_loss",
+            "target", "commit", "ref", "recorded_speedup", "replay_of")
+    out = {k: row.get(k) for k in keys if k in row}
+    out["candidate_seconds"] = [r["seconds"] for r in row.get("runs", []) if r["arm"] == "candidate"]
+    out["incumbent_seconds"] = [r["seconds"] for r in row.get("runs", []) if r["arm"] == "incumbent"]
+    out["val_losses"] = [r["val_loss"] for r in row.get("runs", []) if r["arm"] == "candidate"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- commands
+def cmd_init(args) -> int:
+    import torch
+
+    root = repo_root(Path.cwd())
+    gpus = torch.cuda.device_count()
+    preset = args.preset or ("gpt2-124m" if gpus else "cpu-tiny")
+    path = root / settings_mod.FILENAME
+    if path.exists() and not args.force:
+        err.print(f"{path} exists: keeping it (--force to overwrite)")
+        s = settings_mod.load(root)
+    else:
+        s = settings_mod.preset(preset)
+        path.write_text(settings_mod.dumps(s))
+        err.print(f"wrote {path} (preset {preset})")
+    if not (s.data_dir / "manifest.json").exists():
+        from nanomodel.prepare import prepare
+        dataset = "fineweb" if "fineweb" in s.data_dir.name else "stdlib"
+        err.print(f"preparing dataset {dataset} in {s.data_dir} ...")
+        prepare(dataset, root=s.data_dir.parent, name=s.data_dir.name)
+    from agent import sandbox
+    checks = [
+        ("torch", torch.__version__),
+        ("GPUs", f"{gpus} ({torch.cuda.get_device_name(0)})" if gpus else "none: CPU runs, gloo, fp32"),
+        ("torchrun", shutil.which("torchrun") or "not found on PATH"),
+        ("git identity", "ok" if has_identity(Workspace(root, "init").repo) else "none: commits use 'Ratchet <ratchet@localhost>'"),
+        ("sandbox", sandbox.describe()),
+        ("data", str(s.data_dir)),
+    ]
+    table = Table("check", "found", title="ratchet init")
+    for name, found in checks:
+        table.add_row(name, found)
+    err.print(table)
+    return 0
+
+
+def cmd_baseline(args) -> int:
+    h = _harness(args)
+    b = h.baseline(force=args.force)
+    err.print(f"baseline: {sum(b['seconds']) / len(b['seconds']):.2f}s mean over {len(b['seconds'])} runs, "
+              f"val loss {sum(b['val_losses']) / len(b['val_losses']):.4f}, target {b['target']:.4f}")
+    _emit(args, {"decision": "baseline", "reason": f"target {b['target']:.4f}", "seconds": b["seconds"],
+                 "val_losses": b["val_losses"], "target": b["target"], "commit": b["commit"]})
+    return 0
+
+
+def cmd_try(args) -> int:
+    text = sys.stdin.read() if args.patch == "-" else Path(args.patch).read_text()
+    row = _harness(args).try_edit(text, proposer=args.proposer)
+    _emit(args, _summary(row))
+    return 0
+
+
+def cmd_replay(args) -> int:
+    rows = _harness(args).replay(args.revs, onto=args.onto)
+    for r in rows:
+        err.print(f"{r['replay_of'][:10]} recorded {fmt(r['recorded_speedup'], '.1%')} "
+                  f"reproduced {fmt(r['speedup'], '.1%')}: {r['decision']} ({r['reason']})")
+    _emit(args, {"decision": "reproduced" if all(r["decision"] == "reproduced" for r in rows) else "not reproduced",
+                 "reason": "; ".join(f"{r['replay_of'][:10]}: {r['reason']}" for r in rows),
+                 "commits": [_summary(r) for r in rows]})
+    return 0
+
+
+def cmd_log(args) -> int:
+    rows = Ledger(repo_root(Path.cwd()) / "runs" / args.tag).rows()
+    table = Table("id", "kind", "decision", "reason", "speedup", "val loss", "hypothesis", title=f"ratchet/{args.tag}")
+    for r in rows:
+        table.add_row(r["id"], r["kind"], r["decision"], (r.get("reason") or "")[:60], fmt(r.get("speedup"), "+.1%"),
+                      fmt(r.get("val_loss"), ".4f"), (r.get("hypothesis") or "")[:60])
+    Console().print(table)
+    return 0
+
+
+def cmd_status(args) -> int:
+    root = repo_root(Path.cwd())
+    ledger = Ledger(root / "runs" / args.tag)
+    state, rows = ledger.load_state(), ledger.rows()
+    ws = Workspace(root, args.tag)
+    lines = [f"tag          {args.tag}",
+             f"branch       {ws.branch} @ {ws.head()[:10] if ws.branch_exists() else '(not created yet)'}"]
+    if "baseline" in state:
+        b, inc = state["baseline"], state["incumbent"]
+        mean = lambda xs: sum(xs) / len(xs)
+        lines += [f"baseline     {mean(b['seconds']):.2f}s, val loss {mean(b['val_losses']):.4f}, target {b['target']:.4f}",
+                  f"incumbent    {inc['commit'][:10]}: {mean(inc['seconds']):.2f}s ({mean(inc['seconds']) / mean(b['seconds']) - 1:+.1%} vs baseline)"]
+    else:
+        lines.append("baseline     none yet (`ratchet baseline`)")
+    decided = [r for r in rows if r["kind"] not in ("baseline", "replay")]
+    lines.append(f"experiments  {len(decided)}: {sum(r['decision'] == 'accepted' for r in decided)} accepted, "
+                 f"{sum(r['decision'] == 'rejected' for r in decided)} rejected")
+    if state.get("inflight"):
+        lines.append(f"in flight    experiment {state['inflight']['id']} (resumes on the next command)")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from agent import bench_judge
+    return bench_judge.main(args.rest) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ratchet", description="Commit only the patches that make training faster.")
+    parser.add_argument("--version", action="version", version="ratchet 0.1.0")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, func, help):
+        p = sub.add_parser(name, help=help)
+        p.set_defaults(func=func)
+        if name != "init" and name != "bench":
+            p.add_argument("--tag", default="default", help="research session: branch ratchet/<tag>, folder runs/<tag>")
+        return p
+
+    p = command("init", cmd_init, "write ratchet.toml, prepare data, check the environment")
+    p.add_argument("--preset", choices=sorted(settings_mod.PRESETS))
+    p.add_argument("--force", action="store_true", help="overwrite an existing ratchet.toml")
+    p = command("baseline", cmd_baseline, "measure the incumbent n times and set the val-loss target")
+    p.add_argument("--force", action="store_true", help="measure again even if the tag has a baseline")
+    p.add_argument("--json", action="store_true")
+    p = command("try", cmd_try, "take one edit file (SEARCH/REPLACE or unified diff) through the whole pipeline")
+    p.add_argument("patch", help="edit file, or - for stdin")
+    p.add_argument("--proposer", default="manual", help="recorded in the ledger and the commit trailer")
+    p.add_argument("--json", action="store_true")
+    p = command("replay", cmd_replay, "re-measure commits against their parents (or --onto another base)")
+    p.add_argument("revs", nargs="+")
+    p.add_argument("--onto", help="cherry-pick the commits onto this base and verify each in turn")
+    p.add_argument("--json", action="store_true")
+    command("log", cmd_log, "the experiments as a table")
+    command("status", cmd_status, "where the session stands")
+    p = command("bench", cmd_bench, "benchmarks: `ratchet bench judge` simulates the judge")
+    p.add_argument("what", choices=["judge"])
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ERRORS as e:
+        err.print(f"[red]error:[/red] {e}")
+        return 2
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/red]: the interrupted experiment re-runs when you run the same command again")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,474 @@
+"""The evaluator: validation loss and a causality probe of a candidate's final weights, in a process of its own.
+
+Harness side: `evaluate(code_dir, weights, data_dir, tokens, window)` launches
+    python -m agent.evaluate --code WORKTREE --weights RUN/final.pt --data DATASET --tokens N --window T --result-fd FD
+and returns its result, one JSON object:
+    {"ok", "val_loss", "bits_per_byte", "tokens", "window", "causal", "probe_max_diff", "error", "seconds"}
+Any failure, the candidate's or ours, is {"ok": false, "error": "<Type>: <message>"}, never a number.
+
+Evaluator side, in this order:
+  1. trusted setup, before any candidate code runs: the first N+1 val tokens (own shard reader, not the
+     candidate's nanomodel.data), the target bytes for bits per byte, the checkpoint (weights_only), the probe
+     inputs, and a snapshot of the identity of every attribute of the modules and classes the scoring relies on;
+     the functions it calls after that are captured at the top of this file;
+  2. import the candidate's `nanomodel.model.build_model` from WORKTREE (and nothing of that name from elsewhere);
+  3. build the model, load the weights strictly, eval mode, no grad;
+  4. causality probe: logits at positions < t must not move when the tokens at positions >= t of row 0 and every
+     token of row 1 change (random rows and a real val row; fresh random cut and tokens each run);
+  5. val loss over N/T fixed, non-overlapping windows of the evaluator's window T: logsumexp - target logit per
+     token from the logits, summed in float64; bits per byte = nats / ln 2 / bytes;
+  6. after every forward and at the end: any rebound attribute of the snapshot, a torch function/dispatch mode left
+     active, a changed val slice or a scoring path that answers differently than before the import is a failure.
+The candidate runs inside this process, so the result goes to a file descriptor the harness reads, and the process
+leaves with os._exit(0) right after writing it: no candidate atexit handler or thread runs after the result.
+"""
+import argparse
+import builtins
+import hashlib
+import inspect
+import json
+import json.encoder
+import math
+import os
+import pickle
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+TRUSTED_ROOT = Path(__file__).resolve().parent.parent  # the directory that holds this `agent` package
+CANDIDATE_PACKAGES = ("nanomodel", "kernels")  # top-level packages that must come from the candidate's worktree
+SHARD_MAGIC, SHARD_VERSION = 20240520, 1  # modded-nanogpt shard header: 256 int32 (magic, version, count, 0...)
+HEADER_BYTES = 256 * 4
+TOKEN_DTYPE = np.dtype("<u2")
+CPU_PROBE_TOL = 1e-4  # fp32 on CPU: max |logit change| allowed, relative to max(1, max |logit|); honest models give 0
+# bf16 autocast on GPU: one bf16 ulp is 2^-8..2^-7 of a value, so a kernel that is not bitwise deterministic
+# (split-K atomics) can move a logit by ~1% of the logit scale; same shapes and deterministic kernels give 0
+CUDA_PROBE_TOL = 1e-2
+MAX_ERROR_CHARS = 2000  # a candidate's exception message can be huge; the result must stay far below a pipe's buffer
+RESULT_KEYS = ("ok", "val_loss", "bits_per_byte", "tokens", "window", "causal", "probe_max_diff", "error", "seconds")
+
+# Captured when this module is imported, before any candidate code exists in the process: rebinding the public
+# names later does not reach these, and the identity snapshot (which covers this module too) reports it.
+_Tensor, _Module = torch.Tensor, torch.nn.Module
+_to, _item = torch.Tensor.to, torch.Tensor.item
+_from_numpy, _logsumexp, _gather, _unsqueeze, _squeeze = (torch.from_numpy, torch.logsumexp, torch.gather,
+                                                          torch.unsqueeze, torch.squeeze)
+_sub, _abs, _amax, _sum, _all, _isfinite = torch.sub, torch.abs, torch.amax, torch.sum, torch.all, torch.isfinite
+_no_grad, _autocast, _load_state_dict, _eval = torch.no_grad, torch.autocast, _Module.load_state_dict, _Module.eval
+_function_modes, _dispatch_modes = torch._C._len_torch_function_stack, torch._C._len_torch_dispatch_stack
+_perf_counter, _sha256, _os_write, _os_exit = time.perf_counter, hashlib.sha256, os.write, os._exit
+_encode_json = json.JSONEncoder(allow_nan=False).encode
+
+
+class EvalError(Exception):
+    """The evaluation cannot give a trustworthy number: bad data or arguments, or a candidate that fails a check."""
+
+
+# --- trusted reading of the validation data --------------------------------------------------------------------
+
+
+def read_val_tokens(data_dir: Path, n: int) -> np.ndarray:
+    """The first n tokens of the val shards (`*_val_*.bin`, sorted by name) as a read-only uint16[n]."""
+    shards = sorted(Path(data_dir).glob("*_val_*.bin"))
+    if not shards:
+        raise EvalError(f"{data_dir}: no validation shards (*_val_*.bin)")
+    parts, held = [], 0
+    for path in shards:
+        parts.append(_read_shard(path, n - held))
+        held += len(parts[-1])
+        if held == n:
+            break
+    if held < n:
+        raise EvalError(f"{data_dir}: the validation shards hold {held} tokens, fewer than the {n} needed")
+    tokens = np.concatenate(parts)
+    tokens.setflags(write=False)
+    return tokens
+
+
+def _read_shard(path: Path, limit: int) -> np.ndarray:
+    """Check the header and the file size of one shard; return its first `limit` tokens (or all it has)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
+        if len(header) * 4 < HEADER_BYTES:
+            raise EvalError(f"{path}: not a token shard: {size} bytes, shorter than the {HEADER_BYTES}-byte header")
+        magic, version, count = (int(v) for v in header[:3])
+        if magic != SHARD_MAGIC or version != SHARD_VERSION:
+            raise EvalError(f"{path}: not a token shard: magic {magic} version {version}, "
+                            f"expected {SHARD_MAGIC} version {SHARD_VERSION}")
+        expected = HEADER_BYTES + count * TOKEN_DTYPE.itemsize
+        if size != expected:
+            raise EvalError(f"{path}: {'truncated' if size < expected else 'corrupt'} shard: header says {count} "
+                            f"tokens ({expected} bytes), the file has {size} bytes")
+        return np.frombuffer(f.read(min(limit, count) * TOKEN_DTYPE.itemsize), dtype=TOKEN_DTYPE)
+
+
+def read_manifest(data_dir: Path) -> dict:
+    """manifest.json of the dataset ({} if it has none): vocab_size, bos_id, bytes_per_token (of the val split)."""
+    path = Path(data_dir) / "manifest.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise EvalError(f"{path}: unreadable manifest: {e}") from None
+
+
+def count_target_bytes(data_dir: Path, targets: np.ndarray, manifest: dict) -> float | None:
+    """UTF-8 bytes the target tokens stand for: decoded with tokenizer.pkl (special tokens such as <|bos|> count
+    no bytes), else the manifest's bytes_per_token x len(targets); None when the dataset gives neither."""
+    tokenizer = Path(data_dir) / "tokenizer.pkl"
+    if tokenizer.exists():  # the dataset folder is the harness's, fingerprinted; the candidate cannot write it
+        encoding = pickle.loads(tokenizer.read_bytes())
+        special = {encoding.encode_single_token(s) for s in encoding.special_tokens_set}
+        return float(len(encoding.decode_bytes([t for t in targets.tolist() if t not in special])))
+    if "bytes_per_token" in manifest:
+        return float(manifest["bytes_per_token"]) * len(targets)
+    return None
+
+
+def load_checkpoint(weights: Path) -> tuple[dict, dict]:
+    """(config, state_dict) of a final.pt, unpickled weights_only: tensors and plain containers, never objects."""
+    try:
+        checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise EvalError(f"{weights}: not a weights-only checkpoint: {str(e).splitlines()[0]}") from None
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("config"), dict)
+            and isinstance(checkpoint.get("model"), dict)):
+        raise EvalError(f"{weights}: expected {{'config': dict, 'model': state_dict}}, got "
+                        f"{sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__}")
+    return checkpoint["config"], checkpoint["model"]
+
+
+def make_probe_cases(val_row: np.ndarray, vocab: int, window: int, seed: int) -> list:
+    """[(base [2, T], [(t, changed [2, T]), ...])]: in `changed`, every token >= t of row 0 and every token of row 1
+    differs from `base`. Row 0 of the bases: random tokens, then a real val row (a model may cheat on text only)."""
+    rng = np.random.default_rng(seed)
+    cuts = sorted({1, window // 2, window - 1, int(rng.integers(1, window))})
+    cases = []
+    for row0 in (rng.integers(0, vocab, window), val_row.astype(np.int64)):
+        base = np.stack([row0, rng.integers(0, vocab, window)])
+        variants = []
+        for t in cuts:
+            changed = base.copy()
+            changed[0, t:] = (changed[0, t:] + rng.integers(1, vocab, window - t)) % vocab  # a shift in [1, V) mod V
+            changed[1] = (changed[1] + rng.integers(1, vocab, window)) % vocab
+            variants.append((t, torch.from_numpy(changed)))
+        cases.append((torch.from_numpy(base), variants))
+    return cases
+
+
+# --- identity snapshot -----------------------------------------------------------------------------------------
+
+
+def snapshot_identities() -> dict:
+    """'torch.nn.functional.cross_entropy' -> the object, for every attribute of the modules and classes that the
+    scoring relies on (classes: as found on the class or its bases, so shadowing an inherited method shows too)."""
+    modules = (torch, F, np, math, time, builtins, os, json, json.encoder, sys.modules[__name__])
+    snapshot = {f"{m.__name__}.{name}": (m, name, value) for m in modules for name, value in vars(m).items()}
+    for cls in (_Tensor, _Module):
+        prefix = f"{cls.__module__}.{cls.__qualname__}".replace("torch._tensor.", "torch.").replace(
+            "torch.nn.modules.module.", "torch.nn.")
+        snapshot.update({f"{prefix}.{name}": (cls, name, inspect.getattr_static(cls, name)) for name in dir(cls)})
+    return snapshot
+
+
+def require_untouched(snapshot: dict) -> None:
+    """Raise naming every snapshotted attribute that candidate code rebound or deleted (additions are harmless)."""
+    missing = object()
+    patched = [name for name, (owner, attr, value) in snapshot.items()
+               if (inspect.getattr_static(owner, attr, missing) if isinstance(owner, type)
+                   else vars(owner).get(attr, missing)) is not value]
+    if patched:
+        raise EvalError(f"candidate code patched {', '.join(patched[:8])}" + (" ..." if len(patched) > 8 else ""))
+    if _function_modes() or _dispatch_modes():
+        raise EvalError("candidate code left a torch function or dispatch mode active (e.g. torch.set_default_device):"
+                        " it would intercept the evaluator's own computations")
+
+
+# --- candidate ---------------------------------------------------------------------------------------------------
+
+
+def import_build_model(code_dir: Path):
+    """The candidate's nanomodel.model.build_model, imported from code_dir and nowhere else."""
+    for name in list(sys.modules):
+        if name.split(".")[0] in CANDIDATE_PACKAGES:
+            del sys.modules[name]
+    sys.path.insert(0, str(code_dir))
+    from nanomodel.model import build_model
+    for name in CANDIDATE_PACKAGES:
+        module = sys.modules.get(name)
+        if module is not None and not Path(module.__file__ or "/").resolve().is_relative_to(code_dir):
+            raise EvalError(f"{name} was imported from {module.__file__}, not from the candidate's worktree {code_dir}")
+    return build_model
+
+
+def checked_forward(model, idx: torch.Tensor, min_vocab: int, snapshot: dict) -> torch.Tensor:
+    """The model's logits for idx [B, T]: a plain torch.Tensor [B, T, V >= min_vocab], all finite."""
+    cuda = idx.device.type == "cuda"
+    with _no_grad(), _autocast(device_type=idx.device.type, dtype=torch.bfloat16, enabled=cuda):
+        logits = model(idx)
+    require_untouched(snapshot)
+    if type(logits) is not _Tensor:  # a subclass could override the very methods the scoring calls
+        raise EvalError(f"forward returned {type(logits).__name__}, expected a torch.Tensor of logits [B, T, V]")
+    batch, window = idx.shape
+    if logits.dim() != 3 or tuple(logits.shape[:2]) != (batch, window) or logits.shape[2] < min_vocab:
+        raise EvalError(f"forward returned logits of shape {tuple(logits.shape)}, expected [{batch}, {window}, V] "
+                        f"with V >= {min_vocab}")
+    if not logits.is_floating_point():
+        raise EvalError(f"forward returned {logits.dtype} logits, expected floating point")
+    if not _item(_all(_isfinite(logits))):
+        raise EvalError("forward returned non-finite logits (NaN or inf)")
+    return logits
+
+
+class ProbeFailure(EvalError):
+    """The causality probe failed; max_diff is the largest logit change seen up to the failure."""
+
+    def __init__(self, max_diff: float, message: str):
+        super().__init__(message)
+        self.max_diff = max_diff
+
+
+def probe_causality(forward, cases: list, device: torch.device, seed: int) -> float:
+    """Max |change| of row 0's logits before each cut over all cases; raise when one exceeds the tolerance."""
+    rel_tol = CUDA_PROBE_TOL if device.type == "cuda" else CPU_PROBE_TOL
+    max_diff = 0.0
+    for base, variants in cases:
+        base_logits = _to(forward(_to(base, device)), torch.float32)
+        tol = rel_tol * max(1.0, _item(_amax(_abs(base_logits[0]))))
+        for t, changed in variants:
+            changed_logits = _to(forward(_to(changed, device)), torch.float32)
+            diff = _item(_amax(_abs(_sub(changed_logits[0, :t], base_logits[0, :t]))))
+            max_diff = max(max_diff, diff)
+            if diff > tol:
+                raise ProbeFailure(max_diff, f"causality probe failed: logits at positions < {t} moved by {diff:.3g} "
+                                             f"(tolerance {tol:.3g}) when later tokens or another row changed "
+                                             f"(probe seed {seed})")
+    return max_diff
+
+
+def nll_sum(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> float:
+    """Sum over tokens of logsumexp(logits) - logits[target], in `dtype` per token and float64 in the sum."""
+    logits = _to(logits, dtype)  # [B, T, V]
+    target_logits = _squeeze(_gather(logits, -1, _unsqueeze(targets, -1)), -1)  # [B, T]
+    nll = _sub(_logsumexp(logits, -1), target_logits)  # [B, T]
+    if not _item(_all(_isfinite(nll))):
+        raise EvalError("non-finite loss (NaN or inf)")
+    return _item(_sum(nll, dtype=torch.float64))
+
+
+# --- the evaluation, in order ------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace, result: dict) -> None:
+    """Fill `result` (see RESULT_KEYS); raise on any failure, keeping what was measured before it."""
+    if args.window < 2 or args.batch < 1 or args.tokens < args.window or args.tokens % args.window:
+        raise EvalError(f"--tokens {args.tokens} must be a positive multiple of --window {args.window} (>= 2), "
+                        f"and --batch {args.batch} >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise EvalError("--device cuda: no CUDA device is available")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    loss_dtype = torch.float32 if device.type == "cuda" else torch.float64
+    code_dir = Path(args.code).resolve()
+    scored = 0 if args.probe_only else args.tokens
+
+    # 1. trusted setup
+    tokens = read_val_tokens(args.data, max(scored, args.window) + 1)  # every target has its input
+    manifest = read_manifest(args.data)
+    total_bytes = None if args.probe_only else count_target_bytes(args.data, tokens[1:scored + 1], manifest)
+    config, state_dict = load_checkpoint(args.weights)
+    data_vocab = int(manifest.get("vocab_size") or int(tokens.max()) + 1)
+    if int(tokens.max()) >= data_vocab:
+        raise EvalError(f"{args.data}: val token id {int(tokens.max())} is outside the manifest's vocab_size {data_vocab}")
+    min_vocab = max(data_vocab, int(config.get("vocab_size", 0)))
+    probe_seed = secrets.randbits(32)
+    probe_cases = make_probe_cases(tokens[:args.window], data_vocab, args.window, probe_seed)
+    tokens_digest = _sha256(tokens.tobytes()).digest()
+    canary_logits = torch.randn(1, args.window, min_vocab, generator=torch.Generator().manual_seed(0)).to(device)
+    canary_targets = _from_numpy(tokens[None, 1:args.window + 1].astype(np.int64)).to(device)
+    canary_nll = nll_sum(canary_logits, canary_targets, loss_dtype)
+    snapshot = snapshot_identities()
+
+    def forward(idx):
+        return checked_forward(model, idx, min_vocab, snapshot)
+
+    try:
+        # 2-3. the candidate's model with the checkpoint's weights
+        build_model = import_build_model(code_dir)
+        model = build_model(dict(config))
+        if not isinstance(model, _Module):
+            raise EvalError(f"build_model returned {type(model).__name__}, expected a torch.nn.Module")
+        _load_state_dict(model, state_dict, strict=True)
+        model = _eval(model.to(device))
+
+        # 4. causality
+        try:
+            result["probe_max_diff"] = probe_causality(forward, probe_cases, device, probe_seed)
+        except ProbeFailure as failure:
+            result["causal"], result["probe_max_diff"] = False, failure.max_diff
+            raise
+        result["causal"] = True
+
+        # 5. val loss over fixed, non-overlapping windows
+        inputs = tokens[:scored].reshape(-1, args.window)
+        targets = tokens[1:scored + 1].reshape(-1, args.window)
+        total_nats = 0.0
+        for start in range(0, len(inputs), args.batch):
+            logits = forward(_to(_from_numpy(inputs[start:start + args.batch].astype(np.int64)), device))
+            # targets become tensors only after the forward: the model never gets hold of them
+            batch_targets = _to(_from_numpy(targets[start:start + args.batch].astype(np.int64)), device)
+            total_nats += nll_sum(logits, batch_targets, loss_dtype)
+    except BaseException:
+        require_untouched(snapshot)  # a patch explains the crash it caused better than the crash does
+        raise
+
+    # 6. nothing the scoring relies on was changed by candidate code
+    require_untouched(snapshot)
+    if _sha256(tokens.tobytes()).digest() != tokens_digest:
+        raise EvalError("the validation tokens changed in memory during the evaluation")
+    if nll_sum(canary_logits, canary_targets, loss_dtype) != canary_nll:
+        raise EvalError("the loss computation answers differently than before candidate code was imported "
+                        "(torch internals overridden?)")
+    if args.probe_only:
+        return
+    # 7. a number only when it is finite
+    if not math.isfinite(total_nats):
+        raise EvalError(f"non-finite total loss {total_nats}")
+    result["tokens"], result["val_loss"] = scored, total_nats / scored
+    if total_bytes:
+        result["bits_per_byte"] = total_nats / math.log(2) / total_bytes
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m agent.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--code", required=True, help="the candidate's worktree (holds nanomodel/ and kernels/)")
+    parser.add_argument("--weights", required=True, help="final.pt: {'config': dict, 'model': state_dict}")
+    parser.add_argument("--data", required=True, type=Path, help="dataset folder with *_val_*.bin shards")
+    parser.add_argument("--tokens", required=True, type=int, help="N: score the first N val tokens (multiple of T)")
+    parser.add_argument("--window", required=True, type=int, help="T: tokens per window, owned by the evaluator")
+    parser.add_argument("--batch", type=int, default=8, help="windows per forward pass")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--probe-only", action="store_true", help="the causality probe alone (after a smoke run)")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--result-fd", type=int, help="write the result JSON to this inherited file descriptor")
+    where.add_argument("--out", help="write the result JSON to this file")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    started = _perf_counter()
+    args = parse_args(argv)
+    out_fd = args.result_fd if args.out is None else os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    result = dict.fromkeys(RESULT_KEYS)
+    result.update(ok=False, tokens=0, window=args.window)
+    try:
+        run(args, result)
+        result["ok"] = True
+    except BaseException as e:  # the candidate's SystemExit and KeyboardInterrupt too: a reason, never a crash
+        result["error"] = (f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)[:MAX_ERROR_CHARS]
+    result["seconds"] = _perf_counter() - started
+    result = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in result.items()}
+    try:
+        print(summary(result), file=sys.stderr, flush=True)
+    except BaseException:  # candidate code may have closed or replaced stderr; the result matters, not the summary
+        pass
+    _os_write(out_fd, (_encode_json(result) + "\n").encode())
+    _os_exit(0)  # at once: no atexit handler, finalizer or thread of the candidate runs after the result
+
+
+def summary(result: dict) -> str:
+    if not result["ok"]:
+        return f"evaluate: FAILED ({result['seconds']:.1f}s): {result['error']}"
+    if result["val_loss"] is None:
+        return f"evaluate: causal (probe max diff {result['probe_max_diff']:.3g}), probe only, {result['seconds']:.1f}s"
+    bpb = "" if result["bits_per_byte"] is None else f", {result['bits_per_byte']:.4f} bits/byte"
+    return (f"evaluate: val_loss {result['val_loss']:.4f} nats/token{bpb} over {result['tokens']:,} tokens "
+            f"(window {result['window']}), causal (probe max diff {result['probe_max_diff']:.3g}), "
+            f"{result['seconds']:.1f}s")
+
+
+# --- harness side ------------------------------------------------------------------------------------------------
+
+
+def evaluate(code_dir, weights, data_dir, tokens: int, window: int, batch: int = 8, device: str = "auto",
+             probe_only: bool = False, timeout: float = 600, env: dict | None = None,
+             python: str = sys.executable) -> dict:
+    """Run the evaluator on `weights` with the model code of `code_dir` in a child process; return its result.
+
+    The child imports `agent` from TRUSTED_ROOT (PYTHONPATH), never from the worktree, which it puts on sys.path only
+    after `agent` is loaded. Its working directory is a fresh empty folder, and PYTHONSAFEPATH keeps even that off
+    sys.path: the run directory is candidate-written and must not shadow `agent`, `torch` or `numpy`.
+    """
+    read_fd, write_fd = os.pipe()
+    command = [python, "-m", "agent.evaluate", "--code", str(Path(code_dir).resolve()),
+               "--weights", str(Path(weights).resolve()), "--data", str(Path(data_dir).expanduser().resolve()),
+               "--tokens", str(tokens), "--window", str(window), "--batch", str(batch), "--device", device,
+               "--result-fd", str(write_fd)] + (["--probe-only"] if probe_only else [])
+    child_env = dict(os.environ if env is None else env, PYTHONPATH=str(TRUSTED_ROOT), PYTHONSAFEPATH="1")
+    with tempfile.TemporaryDirectory(prefix="ratchet-eval-") as cwd, tempfile.TemporaryFile() as log:
+        try:
+            process = subprocess.Popen(command, cwd=cwd, env=child_env, pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
+                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            os.close(write_fd)
+        try:
+            process.wait(timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        try:  # the whole group: a timed-out evaluator and anything the candidate started
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+        raw = _read_available(read_fd)
+        log.seek(0)
+        last_line = (log.read().decode(errors="replace").strip().splitlines() or [""])[-1]
+    if timed_out:
+        return _failure(f"evaluator timed out after {timeout:g}s: {last_line}", window)
+    lines = raw.decode(errors="replace").splitlines()
+    if process.returncode != 0 or not lines:
+        return _failure(f"evaluator died: exit {process.returncode}: {last_line}", window)
+    if len(lines) > 1:
+        return _failure(f"the result pipe held {len(lines)} results: candidate code wrote to it", window)
+    try:
+        result = json.loads(lines[0])
+    except json.JSONDecodeError as e:
+        return _failure(f"unreadable evaluator result: {e}", window)
+    if not isinstance(result, dict) or set(result) != set(RESULT_KEYS):
+        return _failure(f"malformed evaluator result: {lines[0][:200]}", window)
+    return result
+
+
+def _read_available(fd: int) -> bytes:
+    """Everything in the pipe now, without waiting for writers that outlived the group (a setsid'd grandchild)."""
+    os.set_blocking(fd, False)
+    chunks = []
+    try:
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def _failure(error: str, window: int) -> dict:
+    result = dict.fromkeys(RESULT_KEYS)
+    result.update(ok=False, tokens=0, window=window, error=error, seconds=0.0)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Which paths an edit may touch, and the integrity of everything it may not.
+
+Protected files (the harness, the evaluator, tests, kernel references, ratchet.toml) are hashed when the
+baseline is measured and re-checked in the worktree before every run and every evaluation: a mismatch
+stops the experiment with the file's name, whatever route the change took (edit, script, symlink).
+"""
+import fnmatch
+import hashlib
+import json
+from pathlib import Path
+
+
+class IntegrityError(RuntimeError):
+    pass
+
+
+def matches(path: str, globs: list[str]) -> bool:
+    """fnmatch semantics: `*` also crosses '/', so `nanomodel/**` covers the whole folder."""
+    return any(fnmatch.fnmatchcase(path, g) or fnmatch.fnmatchcase(path, g.removesuffix("/**")) for g in globs)
+
+
+def path_violation(paths: list[str], editable: list[str], protected: list[str]) -> str | None:
+    """The rejection reason for the first path the edit may not touch, or None."""
+    for p in paths:
+        if matches(p, protected):
+            return f"protected path {p}"
+        if not matches(p, editable):
+            return f"not an editable path: {p} (editable: {', '.join(editable)})"
+    return None
+
+
+def protected_hashes(tree: Path, protected: list[str]) -> dict[str, str]:
+    """sha256 of every file under `tree` that a protected glob covers (symlinks hashed by their target text)."""
+    hashes = {}
+    for path in sorted(Path(tree).rglob("*")):
+        rel = path.relative_to(tree).as_posix()
+        if rel.startswith(".git/") or rel == ".git" or "__pycache__" in rel or not matches(rel, protected):
+            continue
+        if path.is_symlink():
+            hashes[rel] = "symlink:" + str(path.readlink())
+        elif path.is_file():
+            hashes[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashes
+
+
+def check_integrity(tree: Path, protected: list[str], expected: dict[str, str]) -> None:
+    actual = protected_hashes(tree, protected)
+    for rel in sorted(set(expected) | set(actual)):
+        if expected.get(rel) != actual.get(rel):
+            what = "missing" if rel not in actual else "added" if rel not in expected else "modified"
+            raise IntegrityError(f"protected file {what}: {rel}")
+
+
+def data_fingerprint(data_dir: Path) -> dict[str, str]:
+    """The dataset's manifest (which holds every shard's sha256) and the sizes of the shard files.
+
+    Hashing a FineWeb-sized dataset before every run would cost minutes, so runs check sizes and the
+    manifest's own hash; the full hashes are checked by `ratchet init`/`baseline`.
+    """
+    data_dir = Path(data_dir)
+    manifest = data_dir / "manifest.json"
+    fp = {"manifest.json": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.exists() else "missing"}
+    for shard in sorted(data_dir.glob("*.bin")):
+        fp[shard.name] = str(shard.stat().st_size)
+    return fp
+
+
+def verify_data(data_dir: Path) -> None:
+    """Full check: every shard's sha256 against the manifest."""
+    data_dir = Path(data_dir)
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    for entry in manifest["files"]:
+        path = data_dir / entry["name"]
+        if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
+            raise IntegrityError(f"data file changed or missing: {path}")

@@ -1,0 +1,436 @@
+"""One experiment, end to end: edit -> worktree -> guard -> smoke -> timed runs + evaluator -> judge -> git + ledger.
+
+Trust boundaries, in the order an edit crosses them:
+  1. guard.path_violation: the edit may touch only editable, unprotected paths (before anything runs)
+  2. guard.check_integrity: protected files in the worktree equal their baseline hashes (before every run and evaluation)
+  3. runner.run_training: the training process is timed from outside, as a whole process group, env scrubbed of secrets
+  4. evaluate.evaluate: val loss and the causality probe come from a separate process that owns the val data
+  5. judge.Judge: interleaved runs and a one-sided test decide; a failed run is a rejection with its reason, never a number
+Crash safety: each decision is saved in exp-<id>/result.json before the branch or ledger moves, so `recover()` can
+finish it; an experiment without result.json is discarded and re-run.
+"""
+import json
+import os
+import shlex
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from agent import guard
+from agent.edits import EditError, apply_edit, edit_fingerprint, parse_edit
+from agent.evaluate import evaluate
+from agent.judge import CANDIDATE, INCUMBENT, Judge, JudgeParams, target_from_baseline
+from agent.ledger import Ledger
+from agent.runner import AbortPolicy, Progress, RunResult, cpu_threads_per_rank, run_training, scrubbed_env
+from agent.settings import Settings
+from agent.workspace import Workspace, trailers
+
+
+class HarnessError(RuntimeError):
+    """A broken setup (not a verdict on an edit): no baseline, the incumbent itself fails, data missing."""
+
+
+@dataclass
+class Measurement:
+    """One training run of one arm, evaluated."""
+    arm: str
+    seed: int
+    status: str                       # "ok" or the runner's / evaluator's failure status
+    seconds: float                    # wall-clock of the whole process group
+    reason: str = ""
+    val_loss: float | None = None
+    bits_per_byte: float | None = None
+    log: str = ""
+    curve: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+class Events:
+    """What the harness reports while it works; the CLI's live view overrides these."""
+    def experiment(self, exp_id: str, hypothesis: str): pass
+    def stage(self, text: str): pass
+    def run_started(self, arm: str, index: int, total_steps_hint: int | None): pass
+    def progress(self, arm: str, p): pass
+    def run_finished(self, m: Measurement): pass
+    def decided(self, row: dict): pass
+
+
+def nproc_for(settings: Settings) -> int:
+    if settings.train.nproc:
+        return settings.train.nproc
+    return max(1, torch.cuda.device_count())
+
+
+class Harness:
+    def __init__(self, root: Path, settings: Settings, tag: str, events: Events | None = None):
+        self.root = Path(root)
+        self.settings = settings
+        self.ws = Workspace(self.root, tag)
+        self.ledger = Ledger(self.root / "runs" / tag)
+        self.events = events or Events()
+        self.nproc = nproc_for(settings)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state(self) -> dict:
+        return self.ledger.load_state()
+
+    def require_baseline(self) -> dict:
+        state = self.state
+        if "baseline" not in state:
+            raise HarnessError(f"no baseline for tag {self.ws.tag!r}: run `ratchet baseline --tag {self.ws.tag}` first")
+        return state
+
+    def judge_params(self) -> JudgeParams:
+        j = self.settings.judge
+        return JudgeParams(alpha=j.alpha, min_speedup=j.min_speedup, min_pairs=j.min_pairs, max_pairs=j.max_pairs)
+
+    # ------------------------------------------------------------------ one run
+    def _train_data_view(self) -> Path:
+        """A folder that holds links to the training shards only: the run is never pointed at validation data."""
+        view = self.ledger.dir / "train-data"
+        view.mkdir(exist_ok=True)
+        data = self.settings.data_dir
+        shards = sorted(data.glob("*_train_*.bin"))
+        if not shards:
+            raise HarnessError(f"no training shards in {data}: run `ratchet init` (or `python -m nanomodel.prepare`)")
+        for shard in shards:
+            link = view / shard.name
+            if not link.is_symlink():
+                link.symlink_to(shard)
+        return view
+
+    def _command(self, smoke: bool) -> list[str]:
+        t = self.settings.train
+        cmd = shlex.split(t.command.format(nproc=self.nproc, config=t.config))
+        return cmd + (shlex.split(t.smoke_args) if smoke else [])
+
+    def _env(self, worktree: Path, run_dir: Path, seed: int) -> dict:
+        extra = {
+            "RATCHET_RUN_DIR": str(run_dir),
+            "RATCHET_SEED": str(seed),
+            "RATCHET_TRAIN_DATA": str(self._train_data_view()),
+            "PYTHONPATH": str(worktree),
+            # compile caches live in the run's own folder: nothing compiled by one run reaches another
+            "TORCHINDUCTOR_CACHE_DIR": str(run_dir / "cache" / "inductor"),
+            "TRITON_CACHE_DIR": str(run_dir / "cache" / "triton"),
+            "OMP_NUM_THREADS": str(cpu_threads_per_rank(self.nproc)),
+        }
+        if not torch.cuda.is_available():
+            extra["GLOO_SOCKET_IFNAME"] = "lo"
+        return scrubbed_env(os.environ, extra)
+
+    def measure(self, arm: str, worktree: Path, run_dir: Path, seed: int, *, timeout: float,
+                policy: AbortPolicy | None = None, smoke: bool = False) -> Measurement:
+        s = self.settings
+        expected = self.state.get("protected_hashes")
+        if expected is not None:
+            guard.check_integrity(worktree, s.paths.protected, expected)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        result: RunResult = run_training(
+            self._command(smoke), cwd=worktree, env=self._env(worktree, run_dir, seed),
+            log_path=run_dir / "train.log", timeout=timeout, monitor=policy,
+            on_progress=lambda p: self.events.progress(arm, p))
+        m = Measurement(arm=arm, seed=seed, status=result.status, seconds=result.seconds, reason=result.reason,
+                        log=str(run_dir / "train.log"), curve=[asdict(p) for p in result.curve])
+        if result.status == "ok":
+            if expected is not None:
+                guard.check_integrity(worktree, s.paths.protected, expected)
+            weights = run_dir / "final.pt"
+            if not weights.exists():
+                m.status, m.reason = "crashed", "no final.pt written"
+            else:
+                ev = evaluate(worktree, weights, s.data_dir, s.eval.tokens, s.eval.window, batch=s.eval.batch,
+                              probe_only=smoke, timeout=s.eval.timeout)
+                if not ev["ok"]:
+                    m.status = "probe" if ev.get("causal") is False else "eval"
+                    m.reason = "causality probe failed" if m.status == "probe" else f"evaluation failed: {ev['error']}"
+                elif not smoke:
+                    m.val_loss, m.bits_per_byte = ev["val_loss"], ev["bits_per_byte"]
+            weights.unlink(missing_ok=True)  # weights are big and never reused: no run can copy another's
+        self.events.run_finished(m)
+        return m
+
+    # ------------------------------------------------------------------ baseline
+    def baseline(self, force: bool = False) -> dict:
+        self.recover()
+        state = self.state
+        if "baseline" in state and not force:
+            return state["baseline"]
+        s = self.settings
+        head = self.ws.ensure_branch()
+        exp_id = self.ledger.next_id()
+        exp_dir = self.ledger.exp_dir(exp_id)
+        self.events.experiment(exp_id, "baseline")
+        wt = self.ws.add_worktree("incumbent", head)
+        hashes = guard.protected_hashes(wt, s.paths.protected)
+        state.update(protected_hashes=hashes, data_fingerprint=guard.data_fingerprint(s.data_dir))
+        self.ledger.save_state(state)
+        runs = []
+        try:
+            for i in range(s.judge.baseline_runs):
+                self.events.run_started(INCUMBENT, i, None)
+                m = self.measure(INCUMBENT, wt, exp_dir / f"run-{i:02d}", seed=1 + i, timeout=s.train.first_timeout)
+                if not m.ok:
+                    raise HarnessError(f"baseline run {i} failed: {m.status}: {m.reason} (log: {m.log})")
+                runs.append(m)
+        finally:
+            self.ws.remove_worktree(wt)
+        seconds = [m.seconds for m in runs]
+        losses = [m.val_loss for m in runs]
+        target = s.target.value if s.target.policy == "fixed" else target_from_baseline(
+            losses, s.target.tolerance_sigmas, s.target.min_tolerance)
+        baseline = {"commit": head, "seconds": seconds, "val_losses": losses, "target": target,
+                    "curve": runs[-1].curve, "id": exp_id}
+        state.update(baseline=baseline, incumbent={"commit": head, "seconds": seconds, "val_losses": losses,
+                                                    "curve": runs[-1].curve})
+        self.ledger.append({
+            "id": exp_id, "kind": "baseline", "parent": head, "proposer": "", "hypothesis": "baseline",
+            "decision": "baseline", "reason": f"target {target:.4f}", "runs": [asdict(m) for m in runs],
+            "incumbent_s": sum(seconds) / len(seconds), "val_loss": sum(losses) / len(losses), "target": target,
+            "time": time.time()})
+        self.ledger.save_state(state)
+        return baseline
+
+    # ------------------------------------------------------------------ one experiment
+    def try_edit(self, text: str, proposer: str = "manual", kind: str = "try") -> dict:
+        """Take an edit (either format) through the whole pipeline; returns its ledger row."""
+        self.recover()
+        state = self.require_baseline()
+        exp_id = self.ledger.next_id()
+        exp_dir = self.ledger.exp_dir(exp_id)
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        (exp_dir / "edit.txt").write_text(text)
+        parent = self.ws.head()
+        state["inflight"] = {"id": exp_id, "parent": parent}
+        self.ledger.save_state(state)
+        row = {"id": exp_id, "kind": kind, "parent": parent, "proposer": proposer, "hypothesis": "", "rationale": "",
+               "diff": "", "runs": [], "time": time.time()}
+        try:
+            edit = parse_edit(text)
+        except EditError as e:
+            return self._finish(row, exp_dir, None, "rejected", f"malformed edit: {e}")
+        row.update(hypothesis=edit.hypothesis, rationale=edit.rationale)
+        self.events.experiment(exp_id, edit.hypothesis)
+        try:
+            violation = guard.path_violation(edit.paths(), self.settings.paths.editable, self.settings.paths.protected)
+        except EditError as e:
+            return self._finish(row, exp_dir, None, "rejected", f"malformed edit: {e}")
+        if violation:
+            return self._finish(row, exp_dir, None, "rejected", violation)
+        cand_wt = self.ws.add_worktree("candidate", parent)
+        inc_wt = None
+        try:
+            try:
+                apply_edit(edit, cand_wt)
+            except EditError as e:
+                return self._finish(row, exp_dir, None, "rejected", f"edit does not apply: {e}")
+            commit = self.ws.commit(cand_wt, edit.hypothesis or "ratchet edit")
+            row["diff"] = self.ws.diff(commit)
+            if not row["diff"].strip():
+                return self._finish(row, exp_dir, cand_wt, "rejected", "no change")
+            row["fingerprint"] = edit_fingerprint(row["diff"])
+            duplicate = next((r["id"] for r in self.ledger.rows() if r.get("fingerprint") == row["fingerprint"]), None)
+            if duplicate:
+                return self._finish(row, exp_dir, cand_wt, "rejected", f"duplicate of experiment {duplicate}")
+            inc_wt = self.ws.add_worktree("incumbent", parent)
+            decision, reason, verdict = self._judge(cand_wt, inc_wt, exp_dir, row, state["incumbent"],
+                                                    state["baseline"]["target"])
+            row["verdict"] = verdict
+            return self._finish(row, exp_dir, cand_wt, decision, reason)
+        except guard.IntegrityError as e:
+            return self._finish(row, exp_dir, cand_wt, "rejected", str(e))
+        finally:
+            for wt in (cand_wt, inc_wt):
+                if wt is not None:
+                    self.ws.remove_worktree(wt)
+
+    def _judge(self, cand_wt: Path, inc_wt: Path, exp_dir: Path, row: dict, incumbent: dict, target: float):
+        """Smoke run, then interleaved timed runs until the judge decides. -> (decision, reason, verdict dict)"""
+        s = self.settings
+        inc_seconds = sum(incumbent["seconds"]) / len(incumbent["seconds"])
+        # smoke: a few untimed steps and the causality probe, before any timed run
+        self.events.stage("smoke run")
+        smoke = self.measure(CANDIDATE, cand_wt, exp_dir / "smoke", seed=0, smoke=True,
+                             timeout=s.train.timeout_factor * inc_seconds)
+        row["smoke"] = asdict(smoke)
+        if not smoke.ok:
+            return "rejected", failure_reason(smoke), None
+        judge = Judge(self.judge_params(), target)
+        inc_curve = incumbent["curve"]
+        verdict = judge.verdict()
+        index = 0
+        while verdict.state == "continue":
+            arm = judge.next_arm()
+            pair = index // 2
+            recent = [r for r in row["runs"] if r["arm"] == INCUMBENT] or None
+            ref_seconds = sum(r["seconds"] for r in recent) / len(recent) if recent else inc_seconds
+            timeout = s.train.timeout_factor * ref_seconds
+            policy = None
+            if arm == CANDIDATE:
+                policy = AbortPolicy(ref_seconds, _progress_list(inc_curve), pace_slack=s.abort.pace_slack,
+                                     loss_slack=s.abort.loss_slack, min_fraction=s.abort.min_fraction)
+            self.events.run_started(arm, index, None)
+            wt = cand_wt if arm == CANDIDATE else inc_wt
+            # both arms of a pair share a seed: the pair differs only by the edit
+            m = self.measure(arm, wt, exp_dir / f"run-{index:02d}-{arm}", seed=100 + pair, timeout=timeout, policy=policy)
+            row["runs"].append(asdict(m))
+            index += 1
+            if not m.ok:
+                if arm == CANDIDATE:
+                    return "rejected", failure_reason(m), asdict(judge.verdict())
+                raise HarnessError(f"the incumbent failed ({m.status}: {m.reason}); log: {m.log}")
+            if arm == INCUMBENT:
+                inc_curve = m.curve
+            judge.add(arm, m.seconds, m.val_loss)
+            verdict = judge.verdict()
+        return verdict.state, verdict.reason, asdict(verdict)
+
+    # ------------------------------------------------------------------ replay
+    def replay(self, revs: list[str], onto: str | None = None) -> list[dict]:
+        """Re-measure each commit against its parent with a fresh judge; with `onto`, first cherry-pick the
+        commits in order onto that base and verify each against the one before it."""
+        self.recover()
+        state = self.require_baseline()
+        commits = [self.ws.resolve(r) for r in revs]
+        base_wt = None
+        if onto is not None:
+            base_wt = self.ws.add_worktree("replay-onto", self.ws.resolve(onto))
+        rows = []
+        try:
+            for original in commits:
+                if base_wt is not None:
+                    parent = self.ws.resolve_in(base_wt, "HEAD")
+                    commit = self.ws.cherry_pick(base_wt, original)
+                else:
+                    parent, commit = self.ws.parent(original), original
+                rows.append(self._replay_one(original, parent, commit, state))
+            if base_wt is not None and rows:
+                self.ws.repo.git.update_ref(f"refs/ratchet/{self.ws.tag}/replayed", rows[-1]["commit"])
+        finally:
+            if base_wt is not None:
+                self.ws.remove_worktree(base_wt)
+        return rows
+
+    def _replay_one(self, original: str, parent: str, commit: str, state: dict) -> dict:
+        exp_id = self.ledger.next_id()
+        exp_dir = self.ledger.exp_dir(exp_id)
+        message = self.ws.message(original)
+        row = {"id": exp_id, "kind": "replay", "parent": parent, "commit": commit, "replay_of": original,
+               "proposer": trailers(message).get("Ratchet-Proposer", ""), "hypothesis": message.splitlines()[0],
+               "recorded_speedup": recorded_speedup(message), "diff": self.ws.diff(commit), "runs": [],
+               "time": time.time()}
+        self.events.experiment(exp_id, f"replay {original[:10]}: {row['hypothesis']}")
+        cand_wt = self.ws.add_worktree("candidate", commit)
+        inc_wt = self.ws.add_worktree("incumbent", parent)
+        try:
+            decision, reason, verdict = self._judge(cand_wt, inc_wt, exp_dir, row, state["incumbent"],
+                                                    state["baseline"]["target"])
+        finally:
+            self.ws.remove_worktree(cand_wt)
+            self.ws.remove_worktree(inc_wt)
+        row["verdict"] = verdict
+        record_decision(row, "reproduced" if decision == "accepted" else "not reproduced", reason)
+        self.ledger.append(row)
+        self.events.decided(row)
+        return row
+
+    # ------------------------------------------------------------------ decision -> git + ledger
+    def _finish(self, row: dict, exp_dir: Path, cand_wt: Path | None, decision: str, reason: str) -> dict:
+        record_decision(row, decision, reason)
+        if cand_wt is not None:
+            row["commit"] = self.ws.amend_message(cand_wt, commit_message(row, self.ws.tag))
+        self.ledger.write_json(exp_dir / "result.json", row)  # the point of no return: recover() finishes from here
+        self._publish(row)
+        self.events.decided(row)
+        return row
+
+    def _publish(self, row: dict) -> None:
+        """Move git and the ledger to match a saved decision. Idempotent: recover() calls it again after a crash."""
+        commit = row.get("commit")
+        if commit and row["decision"] == "accepted":
+            if self.ws.head() == row["parent"]:
+                self.ws.advance(commit, row["parent"])
+        elif commit:
+            row["ref"] = self.ws.keep_rejected(row["id"], commit)
+        if self.ledger.row(row["id"]) is None:
+            self.ledger.append(row)
+        state = self.state
+        if row["decision"] == "accepted":
+            cand = [r for r in row["runs"] if r["arm"] == CANDIDATE]
+            state["incumbent"] = {"commit": commit, "seconds": [r["seconds"] for r in cand],
+                                  "val_losses": [r["val_loss"] for r in cand], "curve": cand[-1]["curve"]}
+        state.pop("inflight", None)
+        self.ledger.save_state(state)
+
+    def recover(self) -> None:
+        """After a crash or kill -9: finish a saved decision, or discard the interrupted experiment."""
+        state = self.state
+        inflight = state.get("inflight")
+        if inflight:
+            exp_dir = self.ledger.exp_dir(inflight["id"])
+            result = exp_dir / "result.json"
+            if result.exists():
+                self._publish(json.loads(result.read_text()))
+            else:
+                shutil.rmtree(exp_dir, ignore_errors=True)
+                state.pop("inflight")
+                self.ledger.save_state(state)
+        self.ws.remove_all_worktrees()
+
+
+def _progress_list(curve: list[dict]) -> list[Progress]:
+    return [Progress(**p) for p in curve]
+
+
+def record_decision(row: dict, decision: str, reason: str) -> None:
+    """Decision, reason, and the verdict's headline numbers as top-level ledger fields."""
+    v = row.get("verdict") or {}
+    row.update(decision=decision, reason=reason, speedup=v.get("speedup"), candidate_s=v.get("candidate_mean"),
+               incumbent_s=v.get("incumbent_mean"), p_value=v.get("p_value"), val_loss=v.get("val_loss_mean"),
+               target=v.get("target_val_loss"))
+
+
+def failure_reason(m: Measurement) -> str:
+    if m.status == "crashed":
+        return f"crashed ({m.reason})"
+    if m.status == "timeout":
+        return f"timed out after {m.seconds:.0f}s"
+    if m.status == "aborted":
+        return m.reason
+    return m.reason
+
+
+def commit_message(row: dict, tag: str) -> str:
+    """The contract's commit message: hypothesis, rationale, then Ratchet-* trailers with the evidence."""
+    lines = [row.get("hypothesis") or "ratchet edit", ""]
+    if row.get("rationale"):
+        lines += [row["rationale"].strip(), ""]
+    lines.append(f"Ratchet-Experiment: {tag}/{row['id']}")
+    if row.get("candidate_s") is not None and row.get("incumbent_s") is not None:
+        change = row["candidate_s"] / row["incumbent_s"] - 1
+        p = "n/a" if row.get("p_value") is None else f"{row['p_value']:.2g}"
+        n = (row.get("verdict") or {}).get("n_pairs", 0)
+        lines.append(f"Ratchet-Wall-Clock: {row['candidate_s']:.2f}s vs {row['incumbent_s']:.2f}s "
+                     f"({change:+.1%}, n={n}, p={p})")
+    if row.get("val_loss") is not None:
+        lines.append(f"Ratchet-Val-Loss: {row['val_loss']:.4f} (target {row['target']:.4f})")
+    lines.append(f"Ratchet-Proposer: {row.get('proposer') or 'manual'}")
+    if row["decision"] != "accepted":
+        lines.append(f"Ratchet-Decision: {row['decision']}: {row['reason']}".splitlines()[0])
+    return "\n".join(lines) + "\n"
+
+
+def recorded_speedup(message: str) -> float | None:
+    """The speedup a commit's Ratchet-Wall-Clock trailer claims, for replay."""
+    wall = trailers(message).get("Ratchet-Wall-Clock")
+    if not wall:
+        return None
+    cand, inc = wall.split(" vs ")
+    return 1 - float(cand.rstrip("s")) / float(inc.split("s")[0])

@@ -1,0 +1,178 @@
+"""`ratchet.toml`: everything the harness needs to know about a target repo, in one protected file.
+
+The limits live here, never in the target repo: the agent cannot raise its own timeouts or lower the bar.
+Unknown keys and bad values are errors that name the key.
+"""
+import tomllib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+FILENAME = "ratchet.toml"
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass
+class Train:
+    # the training command; {nproc} and {config} are filled in, extra args (smoke run) are appended
+    command: str = "torchrun --standalone --nproc_per_node={nproc} -m nanomodel.train --config {config}"
+    config: str = "cpu-tiny"         # named config of the target repo
+    nproc: int = 0                   # processes per run; 0 = all visible GPUs, else 1
+    data: str = "~/.cache/ratchet/data/stdlib"  # dataset dir: train shards go to runs, val shards only to the evaluator
+    smoke_args: str = "--steps 3 --log_every 1"  # appended to the command for the untimed smoke run
+    first_timeout: float = 3600.0    # seconds; the limit for runs before any incumbent time is known
+    timeout_factor: float = 3.0      # hard timeout of a run = factor x incumbent mean wall-clock
+
+
+@dataclass
+class Paths:
+    # globs relative to the repo root (fnmatch-style; ** spans directories)
+    editable: list = field(default_factory=lambda: ["nanomodel/**", "kernels/**"])
+    protected: list = field(default_factory=lambda: [
+        "agent/**", "tests/**", "kernels/reference.py", "kernels/bench.py", "ratchet.toml",
+        "pyproject.toml", ".ci/**", "nanomodel/prepare.py"])
+
+
+@dataclass
+class Eval:
+    tokens: int = 65536              # first N validation tokens, a multiple of window
+    window: int = 256                # the evaluator's sequence length: owned here, not by the candidate
+    batch: int = 16                  # windows per forward pass
+    timeout: float = 900.0           # seconds
+
+
+@dataclass
+class Target:
+    policy: str = "baseline"         # "baseline": mean of the baseline runs + tolerance; "fixed": `value`
+    value: float = 0.0               # the fixed target (nats/token), when policy = "fixed"
+    tolerance_sigmas: float = 2.0    # baseline policy: tolerance = max(min_tolerance, sigmas x seed-to-seed std)
+    min_tolerance: float = 0.002
+
+
+@dataclass
+class Judge:
+    alpha: float = 0.01              # one-sided significance level for "candidate is faster"
+    min_speedup: float = 0.01        # fraction of wall-clock a win must save
+    min_pairs: int = 4               # interleaved pairs before the first look (even: looks follow whole I C C I blocks)
+    max_pairs: int = 10              # cap on runs per arm (even)
+    baseline_runs: int = 5           # runs of the incumbent for `ratchet baseline`
+
+
+@dataclass
+class Abort:
+    pace_slack: float = 0.05         # abort a candidate whose projected wall-clock exceeds the incumbent's by this fraction
+    loss_slack: float = 1.0          # abort a candidate whose loss is this many nats above the incumbent's at the same step
+    min_fraction: float = 0.15       # no pace/loss aborts before this fraction of the run
+
+
+@dataclass
+class Settings:
+    train: Train = field(default_factory=Train)
+    paths: Paths = field(default_factory=Paths)
+    eval: Eval = field(default_factory=Eval)
+    target: Target = field(default_factory=Target)
+    judge: Judge = field(default_factory=Judge)
+    abort: Abort = field(default_factory=Abort)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.train.data).expanduser()
+
+
+def _build(cls, table: dict, where: str):
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in table.items():
+        if key not in known:
+            raise SettingsError(f"{FILENAME}: unknown key [{where}] {key} (known: {', '.join(known)})")
+        default = known[key].default_factory() if callable(known[key].default_factory) else known[key].default
+        if is_dataclass(default):
+            if not isinstance(value, dict):
+                raise SettingsError(f"{FILENAME}: [{key}] must be a table")
+            kwargs[key] = _build(type(default), value, key)
+            continue
+        expected = float if isinstance(default, float) else type(default)
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, expected) or isinstance(value, bool) != isinstance(default, bool):
+            raise SettingsError(f"{FILENAME}: [{where}] {key} must be {expected.__name__}, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def validate(s: Settings) -> Settings:
+    checks = [
+        (s.train.nproc >= 0, "[train] nproc must be >= 0"),
+        (s.train.command.strip() != "", "[train] command is empty"),
+        (s.train.timeout_factor > 1, "[train] timeout_factor must be > 1"),
+        (s.train.first_timeout > 0, "[train] first_timeout must be > 0"),
+        (s.eval.tokens > 0 and s.eval.window > 0 and s.eval.tokens % s.eval.window == 0,
+         "[eval] tokens must be a positive multiple of window"),
+        (s.eval.batch > 0, "[eval] batch must be > 0"),
+        (s.target.policy in ("baseline", "fixed"), "[target] policy must be 'baseline' or 'fixed'"),
+        (s.target.policy != "fixed" or s.target.value > 0, "[target] value must be > 0 with policy 'fixed'"),
+        (0 < s.judge.alpha < 0.5, "[judge] alpha must be in (0, 0.5)"),
+        (0 <= s.judge.min_speedup < 1, "[judge] min_speedup must be in [0, 1)"),
+        (2 <= s.judge.min_pairs <= s.judge.max_pairs and s.judge.min_pairs % 2 == 0 == s.judge.max_pairs % 2,
+         "[judge] need even 2 <= min_pairs <= max_pairs"),
+        (s.judge.baseline_runs >= 2, "[judge] baseline_runs must be >= 2"),
+        (s.abort.pace_slack >= 0 and s.abort.loss_slack > 0, "[abort] slacks must be positive"),
+        (all(isinstance(g, str) for g in s.paths.editable + s.paths.protected), "[paths] globs must be strings"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise SettingsError(f"{FILENAME}: {message}")
+    return s
+
+
+def load(root: Path) -> Settings:
+    path = Path(root) / FILENAME
+    if not path.exists():
+        raise SettingsError(f"{path} not found: run `ratchet init` first")
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise SettingsError(f"{path}: {e}") from None
+    return validate(_build(Settings, table, "top level"))
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def dumps(s: Settings) -> str:
+    """TOML text with each section's keys; comments come from the dataclass definitions above."""
+    lines = ["# Ratchet settings for this repo. Protected: the agent can never edit this file.",
+             "# Every key is documented in docs/configuration.md."]
+    for section in fields(s):
+        lines.append(f"\n[{section.name}]")
+        table = getattr(s, section.name)
+        for f in fields(table):
+            lines.append(f"{f.name} = {_toml_value(getattr(table, f.name))}")
+    return "\n".join(lines) + "\n"
+
+
+# presets for nanomodel's named configs: what differs from the defaults
+PRESETS = {
+    "cpu-test": dict(train=dict(config="cpu-test", first_timeout=300.0), eval=dict(tokens=8192, window=64, batch=32),
+                     judge=dict(baseline_runs=3, min_pairs=4, max_pairs=8), abort=dict(min_fraction=0.25)),
+    "cpu-tiny": dict(train=dict(config="cpu-tiny", first_timeout=900.0), eval=dict(tokens=65536, window=256, batch=16)),
+    "gpt2-124m": dict(train=dict(config="gpt2-124m", data="~/.cache/ratchet/data/fineweb", first_timeout=7200.0,
+                                 smoke_args="--steps 3 --log_every 1 --batch_size 256"),
+                      eval=dict(tokens=10485760, window=1024, batch=16, timeout=1800.0),
+                      target=dict(policy="fixed", value=3.28)),
+}
+
+
+def preset(name: str) -> Settings:
+    if name not in PRESETS:
+        raise SettingsError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
+    return validate(_build(Settings, PRESETS[name], "preset"))
