@@ -53,6 +53,9 @@ CPU_PROBE_TOL = 1e-4  # fp32 on CPU: max |logit change| allowed, relative to max
 # (split-K atomics) can move a logit by ~1% of the logit scale; same shapes and deterministic kernels give 0
 CUDA_PROBE_TOL = 1e-2
 MAX_ERROR_CHARS = 2000  # a candidate's exception message can be huge; the result must stay far below a pipe's buffer
+# torch rewrites these itself (torch._dynamo on import and on the first torch.compile): a candidate that compiles
+# is no cheat, and the evaluator calls none of them once candidate code has run
+TORCH_SELF_PATCHES = frozenset({"torch.manual_seed", "torch.nn.Module.__init__", "torch.nn.Module.__setstate__"})
 RESULT_KEYS = ("ok", "val_loss", "bits_per_byte", "tokens", "window", "causal", "probe_max_diff", "error", "seconds")
 
 # Captured when this module is imported, before any candidate code exists in the process: rebinding the public
@@ -178,7 +181,7 @@ def snapshot_identities() -> dict:
         prefix = f"{cls.__module__}.{cls.__qualname__}".replace("torch._tensor.", "torch.").replace(
             "torch.nn.modules.module.", "torch.nn.")
         snapshot.update({f"{prefix}.{name}": (cls, name, inspect.getattr_static(cls, name)) for name in dir(cls)})
-    return snapshot
+    return {name: entry for name, entry in snapshot.items() if name not in TORCH_SELF_PATCHES}
 
 
 def require_untouched(snapshot: dict) -> None:

@@ -13,6 +13,8 @@ import json
 import os
 import shlex
 import shutil
+import subprocess
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +33,10 @@ from agent.workspace import Workspace, trailers
 
 class HarnessError(RuntimeError):
     """A broken setup (not a verdict on an edit): no baseline, the incumbent itself fails, data missing."""
+
+
+class Stopped(Exception):
+    """A clean stop was requested between two runs; the unfinished experiment re-runs on resume."""
 
 
 @dataclass
@@ -75,6 +81,9 @@ class Harness:
         self.ledger = Ledger(self.root / "runs" / tag)
         self.events = events or Events()
         self.nproc = nproc_for(settings)
+        # one run on the devices at a time: a proposer's smoke check (background thread) waits for the timed run
+        self.device_lock = threading.Lock()
+        self.should_stop = lambda: False
 
     # ------------------------------------------------------------------ state
     @property
@@ -133,10 +142,11 @@ class Harness:
         if expected is not None:
             guard.check_integrity(worktree, s.paths.protected, expected)
         run_dir.mkdir(parents=True, exist_ok=True)
-        result: RunResult = run_training(
-            self._command(smoke), cwd=worktree, env=self._env(worktree, run_dir, seed),
-            log_path=run_dir / "train.log", timeout=timeout, monitor=policy,
-            on_progress=lambda p: self.events.progress(arm, p))
+        with self.device_lock:
+            result: RunResult = run_training(
+                self._command(smoke), cwd=worktree, env=self._env(worktree, run_dir, seed),
+                log_path=run_dir / "train.log", timeout=timeout, monitor=policy,
+                on_progress=lambda p: self.events.progress(arm, p))
         m = Measurement(arm=arm, seed=seed, status=result.status, seconds=result.seconds, reason=result.reason,
                         log=str(run_dir / "train.log"), curve=[asdict(p) for p in result.curve])
         if result.status == "ok":
@@ -146,8 +156,9 @@ class Harness:
             if not weights.exists():
                 m.status, m.reason = "crashed", "no final.pt written"
             else:
-                ev = evaluate(worktree, weights, s.data_dir, s.eval.tokens, s.eval.window, batch=s.eval.batch,
-                              probe_only=smoke, timeout=s.eval.timeout)
+                with self.device_lock:
+                    ev = evaluate(worktree, weights, s.data_dir, s.eval.tokens, s.eval.window, batch=s.eval.batch,
+                                  probe_only=smoke, timeout=s.eval.timeout)
                 if not ev["ok"]:
                     m.status = "probe" if ev.get("causal") is False else "eval"
                     m.reason = "causality probe failed" if m.status == "probe" else f"evaluation failed: {ev['error']}"
@@ -176,7 +187,8 @@ class Harness:
         try:
             for i in range(s.judge.baseline_runs):
                 self.events.run_started(INCUMBENT, i, None)
-                m = self.measure(INCUMBENT, wt, exp_dir / f"run-{i:02d}", seed=1 + i, timeout=s.train.first_timeout)
+                m = self.measure(INCUMBENT, wt, exp_dir / f"run-{i:02d}", seed=1 + i, timeout=s.train.first_timeout,
+                                 policy=AbortPolicy())
                 if not m.ok:
                     raise HarnessError(f"baseline run {i} failed: {m.status}: {m.reason} (log: {m.log})")
                 runs.append(m)
@@ -199,8 +211,10 @@ class Harness:
         return baseline
 
     # ------------------------------------------------------------------ one experiment
-    def try_edit(self, text: str, proposer: str = "manual", kind: str = "try") -> dict:
-        """Take an edit (either format) through the whole pipeline; returns its ledger row."""
+    def try_edit(self, text: str, proposer: str = "manual", kind: str = "try", extra: dict | None = None,
+                 should_stop=lambda: False) -> dict:
+        """Take an edit (either format) through the whole pipeline; returns its ledger row.
+        `should_stop` is asked between runs; when it says yes, Stopped is raised and the experiment stays in flight."""
         self.recover()
         state = self.require_baseline()
         exp_id = self.ledger.next_id()
@@ -211,7 +225,8 @@ class Harness:
         state["inflight"] = {"id": exp_id, "parent": parent}
         self.ledger.save_state(state)
         row = {"id": exp_id, "kind": kind, "parent": parent, "proposer": proposer, "hypothesis": "", "rationale": "",
-               "diff": "", "runs": [], "time": time.time()}
+               "diff": "", "runs": [], "time": time.time(), **(extra or {})}
+        self.should_stop = should_stop
         try:
             edit = parse_edit(text)
         except EditError as e:
@@ -267,12 +282,14 @@ class Harness:
         verdict = judge.verdict()
         index = 0
         while verdict.state == "continue":
+            if self.should_stop():
+                raise Stopped()
             arm = judge.next_arm()
             pair = index // 2
             recent = [r for r in row["runs"] if r["arm"] == INCUMBENT] or None
             ref_seconds = sum(r["seconds"] for r in recent) / len(recent) if recent else inc_seconds
             timeout = s.train.timeout_factor * ref_seconds
-            policy = None
+            policy = AbortPolicy()  # the incumbent: NaN checks only
             if arm == CANDIDATE:
                 policy = AbortPolicy(ref_seconds, _progress_list(inc_curve), pace_slack=s.abort.pace_slack,
                                      loss_slack=s.abort.loss_slack, min_fraction=s.abort.min_fraction)
@@ -291,6 +308,82 @@ class Harness:
             judge.add(arm, m.seconds, m.val_loss)
             verdict = judge.verdict()
         return verdict.state, verdict.reason, asdict(verdict)
+
+    # ------------------------------------------------------------------ the loop's entry points
+    def run_proposal(self, proposal, made_on: str, should_stop=lambda: False) -> dict:
+        """One experiment from a proposer's Proposal; a failed proposal is recorded without running anything."""
+        extra = {"key": proposal.key, "usage": asdict(proposal.usage), "attempts": proposal.attempts,
+                 "proposed_on": made_on}
+        if proposal.error:
+            return self.record_failure(proposal, extra)
+        return self.try_edit(proposal.text, proposer=proposal.proposer, kind="run", extra=extra, should_stop=should_stop)
+
+    def record_failure(self, proposal, extra: dict) -> dict:
+        self.recover()
+        row = {"id": self.ledger.next_id(), "kind": "run", "parent": self.ws.head(), "proposer": proposal.proposer,
+               "hypothesis": proposal.hypothesis, "decision": "failed", "reason": f"proposer failed: {proposal.error}",
+               "runs": [], "time": time.time(), **extra}
+        self.ledger.append(row)
+        self.events.decided(row)
+        return row
+
+    def snapshot(self, head: str) -> Path:
+        """A plain read-only copy of the tree at `head` (git archive: no git state shared with the main thread)."""
+        path = self.ledger.dir / "snapshots" / head[:12]
+        if not path.exists():
+            tmp = path.with_name(path.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            archive = subprocess.run(["git", "archive", "--format=tar", head], cwd=self.root, capture_output=True, check=True)
+            subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive.stdout, check=True)
+            tmp.rename(path)
+        return path
+
+    def context(self, head: str):
+        """What a proposer sees: editable files, the incumbent's numbers, the hardware, the rules, the history."""
+        from agent.propose.base import Context
+        from agent.propose.rules import hardware_summary, rules_text
+        s = self.settings
+        tree = self.snapshot(head)
+        files = {}
+        for path in sorted(tree.rglob("*")):
+            rel = path.relative_to(tree).as_posix()
+            if path.is_file() and guard.matches(rel, s.paths.editable) and not guard.matches(rel, s.paths.protected):
+                files[rel] = path.read_text(errors="replace")
+        state = self.state
+        inc = state.get("incumbent", {})
+        mean = lambda xs: sum(xs) / len(xs) if xs else None
+        incumbent = {"commit": head, "seconds": mean(inc.get("seconds", [])), "val_loss": mean(inc.get("val_losses", [])),
+                     "target": state.get("baseline", {}).get("target"), "curve": inc.get("curve", [])[-5:],
+                     "baseline_seconds": mean(state.get("baseline", {}).get("seconds", []))}
+        history = [{k: r.get(k) for k in ("id", "key", "hypothesis", "decision", "reason", "speedup", "val_loss")}
+                   | ({"diff": r.get("diff", "")} if r.get("decision") == "accepted" else {})
+                   for r in self.ledger.rows() if r["kind"] in ("try", "run")]
+        return Context(root=str(tree), editable=s.paths.editable, protected=s.paths.protected, files=files,
+                       incumbent=incumbent, hardware=hardware_summary(self.nproc), history=history,
+                       rules=rules_text(s), smoke=lambda text: self.smoke_check(text, head))
+
+    def smoke_check(self, text: str, head: str):
+        """For proposers: apply an edit to a scratch copy of `head` and run the smoke command (waits for the devices)."""
+        from agent.propose.base import SmokeResult
+        scratch = self.ledger.dir / "scratch" / f"{threading.get_ident()}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.copytree(self.snapshot(head), scratch)
+        try:
+            edit = parse_edit(text)
+            violation = guard.path_violation(edit.paths(), self.settings.paths.editable, self.settings.paths.protected)
+            if violation:
+                return SmokeResult(False, violation)
+            apply_edit(edit, scratch)
+            with self.device_lock:
+                result = run_training(self._command(smoke=True), cwd=scratch, env=self._env(scratch, scratch / "run", 0),
+                                      log_path=scratch / "smoke.log", timeout=self.settings.train.first_timeout)
+            tail = "\n".join(Path(result.log_path).read_text(errors="replace").splitlines()[-30:])
+            return SmokeResult(result.status == "ok", tail if result.status != "ok" else "smoke run passed")
+        except EditError as e:
+            return SmokeResult(False, f"edit does not apply: {e}")
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     # ------------------------------------------------------------------ replay
     def replay(self, revs: list[str], onto: str | None = None) -> list[dict]:

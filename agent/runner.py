@@ -241,7 +241,7 @@ def run_training(cmd: list[str], *, cwd: str | os.PathLike, env: Mapping[str, st
         reasons.append(_exit_reason(proc.returncode, list(tail)))
     survivors = lingered or escaped or pipe_held
     if survivors:
-        status = "crashed" if status == "ok" else status
+        status = "crashed" if status == "ok" else status  # a timeout or an abort keeps its own status
         reasons.append(OUTLIVED)
     return RunResult(status, seconds, proc.returncode, "; ".join(reasons), str(log_path), curve, survivors)
 

@@ -107,7 +107,7 @@ def test_parse_tolerates_markdown_fences(text, repo):
     ("--- a/../evil.py\n+++ b/../evil.py\n@@ -1 +1 @@\n-a\n+b\n", "'..'"),
 ])
 def test_parse_rejects_bad_text(text, message):
-    with pytest.raises(EditError, match=None) as error:
+    with pytest.raises(EditError) as error:
         parse_edit(text)
     assert message in str(error.value)
 
@@ -227,6 +227,15 @@ def test_fenced_diff_with_header_and_prose_applies(repo):
     assert (edit.hypothesis, edit.rationale, edit.format) == ("shorter warmup", "fewer slow steps.", "diff")
     apply_edit(edit, repo)
     assert "warmup = 5" in (repo / "nanomodel" / "train.py").read_text()
+
+
+def test_hand_written_diff_without_prefixes_or_true_line_numbers_applies(repo):
+    # as LLMs write them: no a/ b/ prefixes, made-up line numbers and counts
+    diff = ("--- nanomodel/train.py\n+++ nanomodel/train.py\n@@ -50,9 +50,9 @@\n"
+            " def lr_at(step, total):\n-    warmup = 10\n+    warmup = 3\n     if step < warmup:\n")
+    assert parse_edit(diff).paths() == ["nanomodel/train.py"]
+    apply_edit(parse_edit(diff), repo)
+    assert (repo / "nanomodel" / "train.py").read_text() == TRAIN_PY.replace("warmup = 10", "warmup = 3")
 
 
 def test_diff_paths_cover_renames_and_deletions(repo):

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import signal
+import subprocess
 import sys
 import textwrap
 import uuid
@@ -222,6 +223,17 @@ def test_untagged_escapee_holding_the_output_is_flagged(tmp_path):
         assert (result.status, result.reason, result.survivors) == ("crashed", OUTLIVED, True)
     finally:
         os.kill(pid, signal.SIGKILL)
+
+
+def test_zombies_do_not_keep_a_group_alive():
+    # Some container inits leave orphaned zombies unreaped; killpg still counts them, the runner must not.
+    proc = subprocess.Popen(["true"], start_new_session=True)
+    os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped: a zombie
+    try:
+        os.killpg(proc.pid, 0)
+        assert not runner._group_alive(proc.pid)
+    finally:
+        proc.wait()
 
 
 def test_bad_arguments_raise_runner_error(tmp_path):

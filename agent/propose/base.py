@@ -1,0 +1,61 @@
+"""The proposer interface: every source of edits (the built-in catalog, an LLM) answers `propose(context)`.
+
+A proposal is edit text in the contract's format (HYPOTHESIS/RATIONALE + SEARCH/REPLACE blocks or a unified
+diff); the harness parses, guards, tests and judges it. Proposers never touch git or run training themselves:
+the only code they may run is the smoke check the loop hands them (`Context.smoke`).
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+
+@dataclass
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0       # prompt-cache hits, billed at the cached rate
+    cache_write_tokens: int = 0
+    cost_usd: float = 0.0
+    calls: int = 0
+
+    def add(self, other: "Usage") -> None:
+        for name in ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "cost_usd", "calls"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class SmokeResult:
+    ok: bool
+    log_tail: str                    # last lines of the smoke run's log (the error, when it failed)
+
+
+@dataclass
+class Context:
+    """What a proposer knows when it proposes. Built by the loop from the repo, the state and the ledger."""
+    root: str                                  # worktree of the incumbent (read-only for the proposer)
+    editable: list[str]                        # editable globs
+    protected: list[str]                       # protected globs
+    files: dict[str, str]                      # editable files: repo-relative path -> content
+    incumbent: dict                            # {"commit", "seconds", "val_loss", "target", "step_time", "log_tail"}
+    hardware: str                              # e.g. "CPU: 2 cores, no GPU; torch 2.13.0" or "8x NVIDIA H100 80GB"
+    history: list[dict]                        # ledger rows so far: id, hypothesis, decision, reason, speedup, diff
+    rules: str                                 # what counts, what is protected, that the length is calibrated
+    smoke: Callable[[str], SmokeResult] | None = None  # apply an edit text in a scratch worktree and run the smoke check
+
+
+@dataclass
+class Proposal:
+    text: str                                  # the edit, in the contract's format
+    proposer: str                              # "catalog", "anthropic:<model>", "openai:<model>"
+    hypothesis: str = ""
+    usage: Usage = field(default_factory=Usage)
+    attempts: list[dict] = field(default_factory=list)  # smoke/debug attempts, each {"edit", "ok", "log_tail"}
+    key: str = ""                              # a stable id (catalog entry name) so an entry is never tried twice
+    error: str = ""                            # a failed proposal: recorded, not run (malformed reply, API error)
+
+
+class Proposer(Protocol):
+    name: str                                  # "catalog", "anthropic:<model>", ...
+
+    def propose(self, context: Context) -> Proposal | None:
+        """The next edit to try, or None when this proposer has nothing left."""
+        ...

@@ -1,0 +1,269 @@
+"""The evaluator end to end: fake candidate worktrees in tmp_path, a real `python -m agent.evaluate` child per case.
+
+Each candidate is a copy of the checkout's nanomodel/ and kernels/ whose model.py may get a few lines appended
+(a cheat, a crash); the weights are the lead's GPT with random weights large enough to make logits distinct.
+"""
+import json
+import math
+import shutil
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from agent.evaluate import EvalError, evaluate, read_val_tokens
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = {"vocab_size": 72, "seq_len": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}
+BOS = 64  # the dataset's <|bos|>; ids 0..63 are text tokens; the model's vocab (72) is padded past the data's (65)
+TOKENS, WINDOW, BATCH = 128, 16, 4  # 8 windows in 2 batches of 4; the probe runs batches of 2
+
+
+def write_shard(path, tokens, count=None):
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = 20240520, 1, len(tokens) if count is None else count
+    path.write_bytes(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
+
+
+def make_dataset(root, tokenizer: bool):
+    """Two val shards (the first N+1 tokens span both), a train shard, manifest.json and maybe tokenizer.pkl."""
+    rng = np.random.default_rng(0)
+    val = rng.integers(0, BOS, 200)
+    val[::37] = BOS  # documents start with <|bos|>, which decodes to no text bytes
+    root.mkdir()
+    write_shard(root / "toy_val_000000.bin", val[:100])
+    write_shard(root / "toy_val_000001.bin", val[100:])
+    write_shard(root / "toy_train_000000.bin", rng.integers(0, BOS, 500))
+    bytes_per_token = 1.75
+    (root / "manifest.json").write_text(json.dumps({"vocab_size": BOS + 1, "bos_id": BOS,
+                                                    "bytes_per_token": bytes_per_token}))
+    if tokenizer:
+        import pickle
+
+        import tiktoken
+        # token i is the text str(i): 1 or 2 bytes, so a byte count that ignores the tokens would be wrong
+        encoding = tiktoken.Encoding("toy", pat_str=r"\d+", mergeable_ranks={str(i).encode(): i for i in range(BOS)},
+                                     special_tokens={"<|bos|>": BOS})
+        (root / "tokenizer.pkl").write_bytes(pickle.dumps(encoding))
+    targets = val[1:TOKENS + 1]
+    expected_bytes = sum(len(str(t)) for t in targets if t != BOS) if tokenizer else bytes_per_token * TOKENS
+    return root, val, expected_bytes
+
+
+@pytest.fixture
+def model_and_weights(tmp_path):
+    from nanomodel.model import build_model
+    torch.manual_seed(0)
+    model = build_model(CONFIG)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)  # logits spread by several nats: a wrong target or window would show in the loss
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    torch.save({"config": CONFIG, "model": model.state_dict()}, run_dir / "final.pt")
+    return model.eval(), run_dir / "final.pt"
+
+
+def make_worktree(tmp_path, model_suffix: str = "", name: str = "wt"):
+    """A candidate worktree: the checkout's nanomodel/ and kernels/, model.py with `model_suffix` appended."""
+    if not (REPO / "kernels" / "__init__.py").exists():
+        pytest.skip("kernels/ is not in the checkout yet, and nanomodel.model imports it")
+    worktree = tmp_path / name
+    for package in ("nanomodel", "kernels"):
+        shutil.copytree(REPO / package, worktree / package, ignore=shutil.ignore_patterns("__pycache__"))
+    model_py = worktree / "nanomodel" / "model.py"
+    model_py.write_text(model_py.read_text() + "\n" + textwrap.dedent(model_suffix))
+    return worktree
+
+
+def wrap_logits(expression: str) -> str:
+    """model.py suffix: build_model's model returns `expression` of its honest `logits` (and its input `idx`)."""
+    return f"""
+    _honest_build_model = build_model
+
+    def build_model(config):
+        model = _honest_build_model(config)
+        honest_forward = model.forward
+
+        def forward(idx):
+            logits = honest_forward(idx)
+            return {expression}
+
+        model.forward = forward  # an instance attribute: the state dict keeps its keys
+        return model
+    """
+
+
+def reference_nats(model, val) -> float:
+    """Sum of F.cross_entropy over the N targets, windows of WINDOW, computed here in the test's own process."""
+    x = torch.from_numpy(val[:TOKENS].astype(np.int64)).view(-1, WINDOW)
+    y = torch.from_numpy(val[1:TOKENS + 1].astype(np.int64)).view(-1, WINDOW)
+    with torch.no_grad():
+        return F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum").item()
+
+
+def run_eval(worktree, weights, data, **kwargs):
+    return evaluate(worktree, weights, data, TOKENS, WINDOW, batch=BATCH, device="cpu", **kwargs)
+
+
+# --- honest candidates -----------------------------------------------------------------------------------------
+
+
+def test_honest_model_scores_the_reference_loss_and_exact_bytes(tmp_path, model_and_weights):
+    model, weights = model_and_weights
+    data, val, expected_bytes = make_dataset(tmp_path / "data", tokenizer=True)
+    result = run_eval(make_worktree(tmp_path), weights, data)
+    assert result["ok"], result["error"]
+    assert result["causal"] is True and result["probe_max_diff"] <= 1e-4 and result["error"] is None
+    assert (result["tokens"], result["window"]) == (TOKENS, WINDOW)
+    nats = reference_nats(model, val)
+    assert result["val_loss"] == pytest.approx(nats / TOKENS, abs=1e-5)
+    assert result["bits_per_byte"] == pytest.approx(result["val_loss"] * TOKENS / math.log(2) / expected_bytes, rel=1e-12)
+
+
+def test_agent_package_comes_from_the_trusted_root_not_the_worktree_or_run_dir(tmp_path, model_and_weights):
+    """A worktree (and a run dir) holding their own agent/evaluate.py that would report a perfect score."""
+    model, weights = model_and_weights
+    data, val, expected_bytes = make_dataset(tmp_path / "data", tokenizer=False)
+    fake = ("import json, os, sys\n"
+            "fd = int(sys.argv[sys.argv.index('--result-fd') + 1])\n"
+            "os.write(fd, json.dumps({'ok': True, 'val_loss': 0.0}).encode() + b'\\n')\n"
+            "os._exit(0)\n")
+    worktree = make_worktree(tmp_path)
+    for root in (worktree, weights.parent):
+        (root / "agent").mkdir()
+        (root / "agent" / "__init__.py").write_text("")
+        (root / "agent" / "evaluate.py").write_text(fake)
+    result = run_eval(worktree, weights, data)
+    assert result["ok"], result["error"]
+    assert result["val_loss"] == pytest.approx(reference_nats(model, val) / TOKENS, abs=1e-5)
+    assert result["bits_per_byte"] == pytest.approx(result["val_loss"] * TOKENS / math.log(2) / expected_bytes, rel=1e-12)
+
+
+# --- cheats and failures ---------------------------------------------------------------------------------------
+
+
+def test_model_that_sees_the_next_position_fails_the_probe(tmp_path, model_and_weights):
+    _, weights = model_and_weights
+    data, _, _ = make_dataset(tmp_path / "data", tokenizer=False)
+    worktree = make_worktree(tmp_path, wrap_logits("logits + logits.roll(-1, dims=1)"))  # position t sees t+1
+    result = run_eval(worktree, weights, data, probe_only=True)
+    assert result["ok"] is False and result["causal"] is False
+    assert "causality probe failed" in result["error"] and result["probe_max_diff"] > 1e-2
+    assert result["val_loss"] is None
+
+
+def test_model_that_mixes_rows_of_the_batch_fails_the_probe(tmp_path, model_and_weights):
+    _, weights = model_and_weights
+    data, _, _ = make_dataset(tmp_path / "data", tokenizer=False)
+    worktree = make_worktree(tmp_path, wrap_logits("logits + logits.mean(dim=0, keepdim=True)"))  # causal per row
+    result = run_eval(worktree, weights, data)
+    assert result["ok"] is False and result["causal"] is False
+    assert "another row" in result["error"] and result["val_loss"] is None
+
+
+def test_candidate_that_patches_the_scoring_functions_is_rejected_by_name(tmp_path, model_and_weights):
+    _, weights = model_and_weights
+    data, _, _ = make_dataset(tmp_path / "data", tokenizer=False)
+    worktree = make_worktree(tmp_path, """
+    import torch.nn.functional
+    _sum, _logsumexp = torch.Tensor.sum, torch.logsumexp
+    torch.nn.functional.cross_entropy = lambda *args, **kwargs: torch.zeros(())
+    torch.Tensor.sum = lambda self, *args, **kwargs: _sum(self, *args, **kwargs) * 0.5
+    torch.logsumexp = lambda *args, **kwargs: _logsumexp(*args, **kwargs) - 1.0
+    """)
+    result = run_eval(worktree, weights, data)
+    assert result["ok"] is False and result["val_loss"] is None
+    for name in ("torch.nn.functional.cross_entropy", "torch.Tensor.sum", "torch.logsumexp"):
+        assert name in result["error"]
+
+
+def test_non_finite_logits_on_the_val_batches_only_are_a_failure_not_a_number(tmp_path, model_and_weights):
+    _, weights = model_and_weights
+    data, _, _ = make_dataset(tmp_path / "data", tokenizer=False)
+    # the probe's batches hold 2 rows, the val batches 4: NaN only where the score is computed
+    worktree = make_worktree(tmp_path, wrap_logits("logits * float('nan') if idx.shape[0] != 2 else logits"))
+    result = run_eval(worktree, weights, data)
+    assert result["causal"] is True
+    assert result["ok"] is False and result["val_loss"] is None and "non-finite" in result["error"]
+
+
+def test_candidate_atexit_handler_never_runs(tmp_path, model_and_weights):
+    model, weights = model_and_weights
+    data, val, _ = make_dataset(tmp_path / "data", tokenizer=False)
+    marker = tmp_path / "atexit-ran"
+    worktree = make_worktree(tmp_path, f"""
+    import atexit, os, sys
+
+    def _report_a_better_score():
+        open({str(marker)!r}, "w").close()
+        fd = int(sys.argv[sys.argv.index("--result-fd") + 1])
+        os.write(fd, b'{{"ok": true, "val_loss": 0.0}}\\n')
+
+    atexit.register(_report_a_better_score)
+    """)
+    result = run_eval(worktree, weights, data)
+    assert not marker.exists()
+    assert result["ok"], result["error"]
+    assert result["val_loss"] == pytest.approx(reference_nats(model, val) / TOKENS, abs=1e-5)
+
+
+def test_candidate_that_writes_its_own_result_is_rejected(tmp_path, model_and_weights):
+    _, weights = model_and_weights
+    data, _, _ = make_dataset(tmp_path / "data", tokenizer=False)
+    worktree = make_worktree(tmp_path, """
+    import os, sys
+    os.write(int(sys.argv[sys.argv.index("--result-fd") + 1]), b'{"ok": true, "val_loss": 0.0}\\n')
+    """)
+    result = run_eval(worktree, weights, data)
+    assert result["ok"] is False and result["val_loss"] is None
+    assert "result pipe held 2 results" in result["error"]
+
+
+def test_pickled_object_in_the_weights_is_refused_and_never_runs(tmp_path, model_and_weights):
+    model, weights = model_and_weights
+    data, _, _ = make_dataset(tmp_path / "data", tokenizer=False)
+    marker = tmp_path / "unpickled"
+    torch.save({"config": CONFIG, "model": model.state_dict(), "extra": _RunsOnUnpickle(str(marker))}, weights)
+    result = run_eval(make_worktree(tmp_path), weights, data)
+    assert not marker.exists()
+    assert result["ok"] is False and "not a weights-only checkpoint" in result["error"]
+
+
+class _RunsOnUnpickle:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_candidate_that_hangs_is_killed_at_the_timeout(tmp_path, model_and_weights):
+    _, weights = model_and_weights
+    data, _, _ = make_dataset(tmp_path / "data", tokenizer=False)
+    worktree = make_worktree(tmp_path, "import time\ntime.sleep(600)\n")
+    result = run_eval(worktree, weights, data, timeout=2)
+    assert result["ok"] is False and "timed out after 2s" in result["error"]
+
+
+# --- the trusted shard reader ----------------------------------------------------------------------------------
+
+
+def test_val_tokens_come_from_the_val_shards_in_name_order(tmp_path):
+    data, val, _ = make_dataset(tmp_path / "data", tokenizer=False)
+    assert np.array_equal(read_val_tokens(data, 150), val[:150])
+    with pytest.raises(EvalError, match="hold 200 tokens, fewer than the 201 needed"):
+        read_val_tokens(data, 201)
+
+
+def test_truncated_or_foreign_val_shard_is_a_clear_error(tmp_path):
+    data, val, _ = make_dataset(tmp_path / "data", tokenizer=False)
+    write_shard(data / "toy_val_000001.bin", val[100:150], count=100)
+    with pytest.raises(EvalError, match=r"toy_val_000001\.bin: truncated shard: header says 100 tokens"):
+        read_val_tokens(data, 120)
+    (data / "toy_val_000000.bin").write_bytes(b"\x00" * 2048)
+    with pytest.raises(EvalError, match=r"toy_val_000000\.bin: not a token shard: magic 0"):
+        read_val_tokens(data, 10)
