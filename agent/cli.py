@@ -5,7 +5,6 @@ With --json, `try`, `baseline` and `replay` end with one JSON object on a line o
 """
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -15,13 +14,14 @@ from rich.table import Table
 from agent import settings as settings_mod
 from agent.edits import EditError
 from agent.guard import IntegrityError
-from agent.harness import Harness, HarnessError
+from agent.harness import Harness, HarnessError, resolve_launcher
+from agent.runner import RunnerError
 from agent.ledger import Ledger
 from agent.settings import SettingsError
 from agent.view import ConsoleEvents, fmt
 from agent.workspace import Workspace, WorkspaceError, has_identity, repo_root
 
-ERRORS = (SettingsError, HarnessError, WorkspaceError, EditError, IntegrityError, FileNotFoundError)
+ERRORS = (SettingsError, HarnessError, WorkspaceError, EditError, IntegrityError, RunnerError, FileNotFoundError)
 err = Console(stderr=True)
 
 
@@ -69,7 +69,7 @@ def cmd_init(args) -> int:
     checks = [
         ("torch", torch.__version__),
         ("GPUs", f"{gpus} ({torch.cuda.get_device_name(0)})" if gpus else "none: CPU runs, gloo, fp32"),
-        ("torchrun", shutil.which("torchrun") or "not found on PATH"),
+        ("torchrun", " ".join(resolve_launcher(["torchrun"]))),
         ("git identity", "ok" if has_identity(Workspace(root, "init").repo) else "none: commits use 'Ratchet <ratchet@localhost>'"),
         ("sandbox", sandbox.describe()),
         ("data", str(s.data_dir)),
@@ -113,7 +113,7 @@ def cmd_log(args) -> int:
     rows = Ledger(repo_root(Path.cwd()) / "runs" / args.tag).rows()
     table = Table("id", "kind", "decision", "reason", "speedup", "val loss", "hypothesis", title=f"ratchet/{args.tag}")
     for r in rows:
-        table.add_row(r["id"], r["kind"], r["decision"], (r.get("reason") or "")[:60], fmt(r.get("speedup"), "+.1%"),
+        table.add_row(r["id"], r["kind"], r["decision"], (r.get("reason") or "").splitlines()[0][:60] if r.get("reason") else "", fmt(r.get("speedup"), "+.1%"),
                       fmt(r.get("val_loss"), ".4f"), (r.get("hypothesis") or "")[:60])
     Console().print(table)
     return 0
@@ -139,6 +139,46 @@ def cmd_status(args) -> int:
     if state.get("inflight"):
         lines.append(f"in flight    experiment {state['inflight']['id']} (resumes on the next command)")
     print("\n".join(lines))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from agent.loop import Budgets, Loop
+    from agent.propose import default_kind, make_proposer
+    from agent.report import write_report
+
+    h = _harness(args)
+    kind = args.proposer or default_kind()
+    if kind == "catalog":
+        reason = "chosen with --proposer" if args.proposer else "no ANTHROPIC_API_KEY or OPENAI_API_KEY set"
+        err.print(f"proposer: catalog (offline, built-in speedrun ideas; {reason})")
+    proposer = make_proposer(kind, model=args.model, base_url=args.base_url, tools=not args.no_tools)
+    if h.nproc == 1 and not _has_gpu():
+        err.print(f"device: CPU only, config {h.settings.train.config} (no GPU found)")
+    budgets = Budgets(max_experiments=args.max_experiments, hours=args.hours, budget_usd=args.budget_usd)
+    reason = Loop(h, proposer, budgets, console=err).run()
+    report = write_report(h.ledger.dir)
+    err.print(f"report: {report}")
+    _emit(args, {"decision": "stopped", "reason": reason})
+    return 0
+
+
+def _has_gpu() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+def cmd_stop(args) -> int:
+    tag_dir = repo_root(Path.cwd()) / "runs" / args.tag
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    (tag_dir / "STOP").write_text("stop requested\n")
+    err.print(f"asked ratchet/{args.tag} to stop after its current run")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from agent.report import write_report
+    print(write_report(repo_root(Path.cwd()) / "runs" / args.tag))
     return 0
 
 
@@ -173,6 +213,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("revs", nargs="+")
     p.add_argument("--onto", help="cherry-pick the commits onto this base and verify each in turn")
     p.add_argument("--json", action="store_true")
+    p = command("run", cmd_run, "the autonomous loop: propose, measure, judge, commit, until a budget is spent")
+    p.add_argument("--proposer", choices=["catalog", "anthropic", "openai"],
+                   help="default: anthropic or openai if its API key is set, else catalog")
+    p.add_argument("--model", help="LLM model name")
+    p.add_argument("--base-url", help="API endpoint (OpenAI-compatible servers: vLLM, llama.cpp, Ollama)")
+    p.add_argument("--no-tools", action="store_true", help="plain-text mode, for models without tool use")
+    p.add_argument("--max-experiments", type=int)
+    p.add_argument("--hours", type=float)
+    p.add_argument("--budget-usd", type=float)
+    p.add_argument("--json", action="store_true")
+    command("stop", cmd_stop, "ask a running `ratchet run` to stop after its current training run")
+    command("report", cmd_report, "write runs/<tag>/report.html and progress.png")
     command("log", cmd_log, "the experiments as a table")
     command("status", cmd_status, "where the session stands")
     p = command("bench", cmd_bench, "benchmarks: `ratchet bench judge` simulates the judge")

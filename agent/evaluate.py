@@ -207,22 +207,26 @@ def import_build_model(code_dir: Path):
             del sys.modules[name]
     sys.path.insert(0, str(code_dir))
     from nanomodel.model import build_model
-    for name in CANDIDATE_PACKAGES:
-        module = sys.modules.get(name)
-        if module is not None and not Path(module.__file__ or "/").resolve().is_relative_to(code_dir):
-            raise EvalError(f"{name} was imported from {module.__file__}, not from the candidate's worktree {code_dir}")
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] in CANDIDATE_PACKAGES and not Path(getattr(module, "__file__", None) or "/").resolve(
+                ).is_relative_to(code_dir):
+            raise EvalError(f"{name} was imported from {getattr(module, '__file__', None)}, not from the candidate's "
+                            f"worktree {code_dir}")
     return build_model
 
 
 def checked_forward(model, idx: torch.Tensor, min_vocab: int, snapshot: dict) -> torch.Tensor:
     """The model's logits for idx [B, T]: a plain torch.Tensor [B, T, V >= min_vocab], all finite."""
     cuda = idx.device.type == "cuda"
-    with _no_grad(), _autocast(device_type=idx.device.type, dtype=torch.bfloat16, enabled=cuda):
-        logits = model(idx)
+    batch, window = idx.shape
+    try:
+        with _no_grad(), _autocast(device_type=idx.device.type, dtype=torch.bfloat16, enabled=cuda):
+            logits = model(idx)
+    except Exception as e:
+        raise EvalError(f"the model's forward failed on a [{batch}, {window}] batch: {type(e).__name__}: {e}") from e
     require_untouched(snapshot)
     if type(logits) is not _Tensor:  # a subclass could override the very methods the scoring calls
         raise EvalError(f"forward returned {type(logits).__name__}, expected a torch.Tensor of logits [B, T, V]")
-    batch, window = idx.shape
     if logits.dim() != 3 or tuple(logits.shape[:2]) != (batch, window) or logits.shape[2] < min_vocab:
         raise EvalError(f"forward returned logits of shape {tuple(logits.shape)}, expected [{batch}, {window}, V] "
                         f"with V >= {min_vocab}")
@@ -274,9 +278,10 @@ def nll_sum(logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> 
 
 def run(args: argparse.Namespace, result: dict) -> None:
     """Fill `result` (see RESULT_KEYS); raise on any failure, keeping what was measured before it."""
-    if args.window < 2 or args.batch < 1 or args.tokens < args.window or args.tokens % args.window:
-        raise EvalError(f"--tokens {args.tokens} must be a positive multiple of --window {args.window} (>= 2), "
-                        f"and --batch {args.batch} >= 1")
+    if args.window < 2 or args.batch < 1:
+        raise EvalError(f"--window {args.window} must be >= 2 and --batch {args.batch} >= 1")
+    if args.tokens < args.window or args.tokens % args.window:
+        raise EvalError(f"--tokens {args.tokens} must be a positive multiple of --window {args.window}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise EvalError("--device cuda: no CUDA device is available")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())

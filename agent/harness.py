@@ -14,6 +14,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -118,7 +119,7 @@ class Harness:
     def _command(self, smoke: bool) -> list[str]:
         t = self.settings.train
         cmd = shlex.split(t.command.format(nproc=self.nproc, config=t.config))
-        return cmd + (shlex.split(t.smoke_args) if smoke else [])
+        return resolve_launcher(cmd) + (shlex.split(t.smoke_args) if smoke else [])
 
     def _env(self, worktree: Path, run_dir: Path, seed: int) -> dict:
         extra = {
@@ -476,6 +477,15 @@ class Harness:
                 state.pop("inflight")
                 self.ledger.save_state(state)
         self.ws.remove_all_worktrees()
+
+
+def resolve_launcher(cmd: list[str]) -> list[str]:
+    """`python` and `torchrun` mean the ones of Ratchet's own environment, whether or not it is activated."""
+    if cmd[0] in ("python", "python3"):
+        return [sys.executable] + cmd[1:]
+    if cmd[0] == "torchrun" and not shutil.which("torchrun"):
+        return [sys.executable, "-m", "torch.distributed.run"] + cmd[1:]
+    return cmd
 
 
 def _progress_list(curve: list[dict]) -> list[Progress]:

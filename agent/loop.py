@@ -125,6 +125,11 @@ class Loop:
                     loop["spent_usd"] += proposal.usage.cost_usd
                     loop["pending"] = {"proposal": proposal_to_dict(proposal), "head": made_on}
                     self._save_loop(loop)
+                if made_on != h.ws.head() and proposal.key:
+                    # a catalog entry prepared before the last accept: propose again against the new head (free)
+                    loop["pending"] = None
+                    self._save_loop(loop)
+                    continue
                 # the next proposal is prepared while this one trains
                 pending = self.pool.submit(self._propose) if self.budgets.exhausted(
                     {**loop, "experiments": loop["experiments"] + 1}) is None else None

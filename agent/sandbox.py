@@ -1,7 +1,150 @@
-"""Where training runs execute: under bubblewrap when available (see docs/threat-model.md)."""
+"""Where candidate code runs: training (and the evaluator's import of the candidate) under bubblewrap.
+
+`wrap(cmd, spec)` returns the bwrap argv that runs `cmd` in a sandbox that sees only
+  - read-only: the system (/usr, /bin, /lib*, /etc, /sys), the Python installation and venv, the worktree, `extra_ro`;
+  - read-only: the training shards, each bound by its real path into an otherwise empty dir at RATCHET_TRAIN_DATA's
+    path, so the validation shards beside them are nowhere to be seen;
+  - read-write: the run dir (HOME is a folder inside it); /tmp and /dev/shm are fresh tmpfs that die with the run;
+  - no host home, host /tmp, ledger, earlier runs or dataset dir; no network (loopback only, for gloo).
+The process tree lives in its own PID namespace: when the command ends, or bwrap is killed (the runner kills bwrap's
+process group), the kernel kills every process inside, setsid daemons included. Capabilities are dropped (as root,
+bwrap would otherwise keep them, and CAP_SYS_ADMIN can remount a read-only bind read-write) and the sandbox cannot
+create user namespaces of its own.
+
+`ensure(required)` decides whether runs are sandboxed on this machine; `available()` says why not.
+"""
+import functools
+import glob
+import os
 import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BWRAP = "bwrap"  # the executable, looked up on PATH
+INSTALL_HINT = "apt-get install bubblewrap"
+# namespaces and privileges; --unshare-user is explicit because --disable-userns needs it (bwrap as root skips it)
+ISOLATION = ["--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL",
+             "--die-with-parent",  # bwrap's parent (the harness) dies -> the sandbox dies
+             "--new-session",  # no controlling terminal to push keystrokes into (TIOCSTI)
+             "--hostname", "localhost"]  # the hostname resolves to 127.0.0.1: gloo finds lo without GLOO_SOCKET_IFNAME
+# what any program needs from the host, all read-only; a path that is a symlink (merged /usr: /bin -> usr/bin) is
+# recreated as that symlink. /sys: CPU topology for torch, PCI and driver state for CUDA.
+SYSTEM_RO = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/sys"]
+GPU_DEVICES = ["/dev/nvidia*", "/dev/nvidia-caps", "/dev/dri"]  # bound with device access when present
+PROBE_TIMEOUT = 30  # seconds for the one-off check that bwrap can build a sandbox here
+
+
+class SandboxError(Exception):
+    """No sandbox can be built: bwrap is missing, namespaces are disabled, or a path in the spec is wrong."""
+
+
+@dataclass
+class SandboxSpec:
+    worktree: Path  # the candidate's code, read-only; the command starts there
+    run_dir: Path  # the only writable host dir (fresh per run); HOME is run_dir/home
+    train_data: Path | None = None  # RATCHET_TRAIN_DATA: a dir of (symlinks to) the training shards
+    extra_ro: list[Path] = field(default_factory=list)  # more read-only dirs (the evaluator: dataset, Ratchet's agent/)
+    gpus: bool = True  # bind /dev/nvidia* and /dev/dri when present (nothing on a CPU machine)
+    network: bool = False  # share the host's network; off: a loopback of its own only
+
+
+@functools.cache
+def available() -> tuple[bool, str]:
+    """(True, what) when bwrap is installed and can build our sandbox here, else (False, why not)."""
+    path = shutil.which(BWRAP)
+    if path is None:
+        return False, f"bwrap not installed: {INSTALL_HINT}"
+    try:
+        probe = subprocess.run([path, *ISOLATION, "--ro-bind", "/", "/", "true"], capture_output=True, text=True,
+                               timeout=PROBE_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return False, f"bwrap at {path} does not run: {e}"
+    if probe.returncode != 0:
+        error = (probe.stderr.strip().splitlines() or [f"exit {probe.returncode}"])[-1]
+        return False, (f"user namespaces disabled ({error}): enable them (sysctl kernel.unprivileged_userns_clone=1, "
+                       f"user.max_user_namespaces > 0, or an AppArmor profile for {path})")
+    version = subprocess.run([path, "--version"], capture_output=True, text=True).stdout.strip()
+    return True, f"{version or 'bwrap'} at {path}"
 
 
 def describe() -> str:
-    path = shutil.which("bwrap")
-    return f"bubblewrap at {path}" if path else "bubblewrap not found: runs are not sandboxed (apt-get install bubblewrap)"
+    ok, what = available()
+    if ok:
+        return f"{what}: runs see no network, no home, no other runs, only their own run dir writable"
+    return f"runs are NOT sandboxed: {what}"
+
+
+def ensure(required: bool) -> bool:
+    """Whether to sandbox runs: True when bwrap works here. Otherwise raises SandboxError when `required`
+    (--require-sandbox), else warns on stderr and returns False."""
+    ok, what = available()
+    if ok:
+        return True
+    if required:
+        raise SandboxError(f"sandbox required but unavailable: {what}")
+    print(f"WARNING: runs are NOT sandboxed ({what}): candidate code can read the validation data and your files, "
+          f"use the network and cache across runs", file=sys.stderr)
+    return False
+
+
+def wrap(cmd: list[str], spec: SandboxSpec) -> list[str]:
+    """The bwrap argv that runs `cmd` inside the sandbox described by `spec`, starting in the worktree."""
+    ok, what = available()
+    if not ok:
+        raise SandboxError(f"cannot sandbox: {what}")
+    worktree, run_dir = _existing_dir(spec.worktree, "worktree"), _existing_dir(spec.run_dir, "run_dir")
+    home = run_dir / "home"
+    home.mkdir(exist_ok=True)
+    # (where, bwrap args): bwrap mounts in argv order, and a dir must be mounted before anything inside it
+    # (the run dir may lie under /tmp, GPU devices under /dev), so they are sorted by depth below
+    mounts = [(Path("/proc"), ["--proc", "/proc"]), (Path("/dev"), ["--dev", "/dev"]), (Path("/tmp"), ["--tmpfs", "/tmp"])]
+    for path in SYSTEM_RO:
+        if os.path.islink(path):
+            mounts.append((Path(path), ["--symlink", os.readlink(path), path]))
+        elif os.path.exists(path):
+            mounts.append((Path(path), ["--ro-bind", path, path]))
+    ro = [*_python_dirs(), *(_existing(p, "extra_ro") for p in spec.extra_ro), worktree]
+    mounts += [(p, ["--ro-bind", str(p.resolve()), str(p)]) for p in ro]
+    mounts.append((run_dir, ["--bind", str(run_dir), str(run_dir)]))
+    if spec.gpus:
+        mounts += [(Path(d), ["--dev-bind", d, d]) for pattern in GPU_DEVICES for d in sorted(glob.glob(pattern))]
+    sealed = ["/"]  # read-only once everything is mounted (non-recursive: the run dir and /tmp stay writable)
+    if spec.train_data is not None:
+        train = _existing_dir(spec.train_data, "train_data")
+        mounts.append((train, ["--tmpfs", str(train)]))
+        mounts += [(train / f.name, ["--ro-bind", str(_existing(f.resolve(), "train_data file")), str(train / f.name)])
+                   for f in sorted(train.iterdir())]
+        sealed.append(str(train))
+    mounts.sort(key=lambda m: len(m[0].parts))
+    return [shutil.which(BWRAP), *ISOLATION, *(["--share-net"] if spec.network else []),
+            *(a for _, args in mounts for a in args), *(a for d in sealed for a in ("--remount-ro", d)),
+            "--setenv", "HOME", str(home), "--setenv", "TMPDIR", "/tmp", "--chdir", str(worktree), "--", *cmd]
+
+
+def _python_dirs() -> list[Path]:
+    """The interpreter's installation and the venv (a venv's python is a symlink into the base installation),
+    without those that a system dir or another of them already holds."""
+    candidates = {Path(p) for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix)}
+    candidates.add(Path(os.path.realpath(sys.executable)).parent.parent)
+    covered = [Path(p) for p in SYSTEM_RO]
+    kept = []
+    for path in sorted(candidates, key=lambda p: len(p.parts)):
+        if not any(path.is_relative_to(c) for c in covered + kept):
+            kept.append(path)
+    return kept
+
+
+def _existing(path, what: str) -> Path:
+    path = Path(path).absolute()
+    if not path.exists():
+        raise SandboxError(f"{what}: {path} does not exist")
+    return path
+
+
+def _existing_dir(path, what: str) -> Path:
+    path = _existing(path, what)
+    if not path.is_dir():
+        raise SandboxError(f"{what}: {path} is not a directory")
+    return path

@@ -241,6 +241,14 @@ class _RunsOnUnpickle:
         return open, (self.marker, "w")
 
 
+def test_candidate_that_kills_the_evaluator_gets_its_last_words_as_the_reason(tmp_path, model_and_weights):
+    _, weights = model_and_weights
+    data, _, _ = make_dataset(tmp_path / "data", tokenizer=False)
+    worktree = make_worktree(tmp_path, "import os, sys\nprint('out of ideas', file=sys.stderr, flush=True)\nos._exit(3)\n")
+    result = run_eval(worktree, weights, data)
+    assert result["ok"] is False and result["error"] == "evaluator died: exit 3: out of ideas"
+
+
 def test_candidate_that_hangs_is_killed_at_the_timeout(tmp_path, model_and_weights):
     _, weights = model_and_weights
     data, _, _ = make_dataset(tmp_path / "data", tokenizer=False)
