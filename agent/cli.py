@@ -26,8 +26,11 @@ err = Console(stderr=True)
 
 
 def _harness(args) -> Harness:
+    """The harness of a command that changes the tag's branch or records: one such process per tag."""
     root = repo_root(Path.cwd())
-    return Harness(root, settings_mod.load(root), args.tag, ConsoleEvents(err))
+    h = Harness(root, settings_mod.load(root), args.tag, ConsoleEvents(err))
+    h.lock()
+    return h
 
 
 def _emit(args, obj) -> None:

@@ -9,6 +9,7 @@ Trust boundaries, in the order an edit crosses them:
 Crash safety: each decision is saved in exp-<id>/result.json before the branch or ledger moves, so `recover()` can
 finish it; an experiment without result.json is discarded and re-run.
 """
+import fcntl
 import json
 import os
 import shlex
@@ -27,7 +28,8 @@ from agent.edits import EditError, apply_edit, edit_fingerprint, parse_edit
 from agent.evaluate import evaluate
 from agent.judge import CANDIDATE, INCUMBENT, Judge, JudgeParams, target_from_baseline
 from agent.ledger import Ledger
-from agent.runner import AbortPolicy, Progress, RunResult, cpu_threads_per_rank, run_training, scrubbed_env
+from agent.runner import (AbortPolicy, Progress, RunResult, cpu_threads_per_rank, kill_leftovers, run_training,
+                          scrubbed_env)
 from agent.settings import Settings
 from agent.workspace import Workspace, trailers
 
@@ -85,6 +87,19 @@ class Harness:
         # one run on the devices at a time: a proposer's smoke check (background thread) waits for the timed run
         self.device_lock = threading.Lock()
         self.should_stop = lambda: False
+
+    def lock(self) -> None:
+        """One Ratchet process per tag: held until this process exits (the kernel drops it even after kill -9)."""
+        self._lock_file = open(self.ledger.dir / "lock", "a+")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.seek(0)
+            raise HarnessError(f"another ratchet process (pid {self._lock_file.read().strip() or '?'}) is working on "
+                               f"tag {self.ws.tag!r}; wait for it or `ratchet stop --tag {self.ws.tag}`") from None
+        self._lock_file.truncate(0)
+        self._lock_file.write(str(os.getpid()))
+        self._lock_file.flush()
 
     # ------------------------------------------------------------------ state
     @property
@@ -273,7 +288,7 @@ class Harness:
         inc_seconds = sum(incumbent["seconds"]) / len(incumbent["seconds"])
         # smoke: a few untimed steps and the causality probe, before any timed run
         self.events.stage("smoke run")
-        smoke = self.measure(CANDIDATE, cand_wt, exp_dir / "smoke", seed=0, smoke=True,
+        smoke = self.measure(CANDIDATE, cand_wt, exp_dir / "smoke", seed=0, smoke=True, policy=AbortPolicy(),
                              timeout=s.train.timeout_factor * inc_seconds)
         row["smoke"] = asdict(smoke)
         if not smoke.ok:
@@ -464,7 +479,8 @@ class Harness:
         self.ledger.save_state(state)
 
     def recover(self) -> None:
-        """After a crash or kill -9: finish a saved decision, or discard the interrupted experiment."""
+        """After a crash or kill -9: kill its orphaned runs, finish a saved decision, or discard the interrupted experiment."""
+        kill_leftovers(str(self.ledger.dir) + "/")
         state = self.state
         inflight = state.get("inflight")
         if inflight:

@@ -320,13 +320,24 @@ def _kill_escaped(run_id: str) -> bool:
     """Kill live processes tagged with this run's RATCHET_RUN_ID (they left the group with setsid); True if any.
     A fallback only: a process can rewrite its environment. The sandbox's PID namespace is the real guard."""
     tag = f"{RUN_ID_VAR}={run_id}".encode()
+    return _kill_matching(lambda environ: tag in environ)
+
+
+def kill_leftovers(run_dir_prefix: str) -> bool:
+    """Kill runs a crashed Ratchet left behind: live processes whose RATCHET_RUN_DIR lies under the prefix."""
+    prefix = f"RATCHET_RUN_DIR={run_dir_prefix}".encode()
+    return _kill_matching(lambda environ: any(var.startswith(prefix) for var in environ))
+
+
+def _kill_matching(match: Callable[[list[bytes]], bool]) -> bool:
+    """SIGKILL every live process whose environment (a list of b"NAME=value") matches, until none is left."""
     found = False
     deadline = time.perf_counter() + KILL_WAIT
     while time.perf_counter() < deadline:
         tagged = []
         for pid, _ in _live_processes():
             with suppress(OSError):  # other users' processes are unreadable; ours may exit meanwhile
-                if tag in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                if match(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")):
                     tagged.append(pid)
         if not tagged:
             break

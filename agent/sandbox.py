@@ -26,7 +26,7 @@ BWRAP = "bwrap"  # the executable, looked up on PATH
 INSTALL_HINT = "apt-get install bubblewrap"
 # namespaces and privileges; --unshare-user is explicit because --disable-userns needs it (bwrap as root skips it)
 ISOLATION = ["--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL",
-             "--die-with-parent",  # bwrap's parent (the harness) dies -> the sandbox dies
+             "--as-pid-1", "--die-with-parent",  # bwrap's parent (the harness) dies -> the sandbox dies
              "--new-session",  # no controlling terminal to push keystrokes into (TIOCSTI)
              "--hostname", "localhost"]  # the hostname resolves to 127.0.0.1: gloo finds lo without GLOO_SOCKET_IFNAME
 # what any program needs from the host, all read-only; a path that is a symlink (merged /usr: /bin -> usr/bin) is

@@ -124,25 +124,6 @@ def test_honest_model_scores_the_reference_loss_and_exact_bytes(tmp_path, model_
     assert result["bits_per_byte"] == pytest.approx(result["val_loss"] * TOKENS / math.log(2) / expected_bytes, rel=1e-12)
 
 
-def test_agent_package_comes_from_the_trusted_root_not_the_worktree_or_run_dir(tmp_path, model_and_weights):
-    """A worktree (and a run dir) holding their own agent/evaluate.py that would report a perfect score."""
-    model, weights = model_and_weights
-    data, val, expected_bytes = make_dataset(tmp_path / "data", tokenizer=False)
-    fake = ("import json, os, sys\n"
-            "fd = int(sys.argv[sys.argv.index('--result-fd') + 1])\n"
-            "os.write(fd, json.dumps({'ok': True, 'val_loss': 0.0}).encode() + b'\\n')\n"
-            "os._exit(0)\n")
-    worktree = make_worktree(tmp_path)
-    for root in (worktree, weights.parent):
-        (root / "agent").mkdir()
-        (root / "agent" / "__init__.py").write_text("")
-        (root / "agent" / "evaluate.py").write_text(fake)
-    result = run_eval(worktree, weights, data)
-    assert result["ok"], result["error"]
-    assert result["val_loss"] == pytest.approx(reference_nats(model, val) / TOKENS, abs=1e-5)
-    assert result["bits_per_byte"] == pytest.approx(result["val_loss"] * TOKENS / math.log(2) / expected_bytes, rel=1e-12)
-
-
 # --- cheats and failures ---------------------------------------------------------------------------------------
 
 
@@ -181,6 +162,19 @@ def test_candidate_that_patches_the_scoring_functions_is_rejected_by_name(tmp_pa
         assert name in result["error"]
 
 
+def test_candidate_that_overrides_a_torch_kernel_of_the_scoring_is_rejected(tmp_path, model_and_weights):
+    """No Python attribute changes here: the dispatcher runs the candidate's logsumexp, a lower bound of the real one."""
+    _, weights = model_and_weights
+    data, _, _ = make_dataset(tmp_path / "data", tokenizer=False)
+    worktree = make_worktree(tmp_path, """
+    _aten = torch.library.Library("aten", "IMPL")
+    _aten.impl("logsumexp", lambda x, dim, keepdim=False: torch.amax(x, dim, keepdim), "CPU")
+    """)
+    result = run_eval(worktree, weights, data)
+    assert result["ok"] is False and result["val_loss"] is None
+    assert "answers differently than before candidate code was imported" in result["error"]
+
+
 def test_non_finite_logits_on_the_val_batches_only_are_a_failure_not_a_number(tmp_path, model_and_weights):
     _, weights = model_and_weights
     data, _, _ = make_dataset(tmp_path / "data", tokenizer=False)
@@ -191,24 +185,34 @@ def test_non_finite_logits_on_the_val_batches_only_are_a_failure_not_a_number(tm
     assert result["ok"] is False and result["val_loss"] is None and "non-finite" in result["error"]
 
 
-def test_candidate_atexit_handler_never_runs(tmp_path, model_and_weights):
+def test_fake_results_from_a_shadow_agent_package_or_an_atexit_handler_never_count(tmp_path, model_and_weights):
+    """The worktree and the run dir hold their own agent/evaluate.py, and model.py registers an atexit handler:
+    each would report a perfect score. `agent` must come from the trusted root, and the evaluator must leave
+    before any atexit handler runs."""
     model, weights = model_and_weights
-    data, val, _ = make_dataset(tmp_path / "data", tokenizer=False)
+    data, val, expected_bytes = make_dataset(tmp_path / "data", tokenizer=False)
     marker = tmp_path / "atexit-ran"
+    write_fake_result = ("import json, os, sys\n"
+                         "fd = int(sys.argv[sys.argv.index('--result-fd') + 1])\n"
+                         "os.write(fd, json.dumps({'ok': True, 'val_loss': 0.0}).encode() + b'\\n')\n")
     worktree = make_worktree(tmp_path, f"""
-    import atexit, os, sys
+    import atexit
 
     def _report_a_better_score():
         open({str(marker)!r}, "w").close()
-        fd = int(sys.argv[sys.argv.index("--result-fd") + 1])
-        os.write(fd, b'{{"ok": true, "val_loss": 0.0}}\\n')
+        exec({write_fake_result!r})
 
     atexit.register(_report_a_better_score)
     """)
+    for root in (worktree, weights.parent):
+        (root / "agent").mkdir()
+        (root / "agent" / "__init__.py").write_text("")
+        (root / "agent" / "evaluate.py").write_text(write_fake_result + "os._exit(0)\n")
     result = run_eval(worktree, weights, data)
     assert not marker.exists()
     assert result["ok"], result["error"]
     assert result["val_loss"] == pytest.approx(reference_nats(model, val) / TOKENS, abs=1e-5)
+    assert result["bits_per_byte"] == pytest.approx(result["val_loss"] * TOKENS / math.log(2) / expected_bytes, rel=1e-12)
 
 
 def test_candidate_that_writes_its_own_result_is_rejected(tmp_path, model_and_weights):

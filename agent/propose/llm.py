@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, ClassVar
 
 from agent import guard
-from agent.edits import EditError, apply_edit, parse_edit
+from agent.edits import FENCE, REPLACE_MARKER, Edit, EditError, apply_edit, parse_edit
 from agent.propose.base import Context, Proposal, SmokeResult, Usage
 from agent.propose.prices import price_for
 from agent.redaction import redact
@@ -70,9 +70,10 @@ Use one block per place you change. An empty SEARCH section creates a new file. 
 
 TOOL_INSTRUCTIONS = """\
 # Tools
-Look at the code with list_files, read_file and grep (paths relative to the repository root). run_smoke
-applies an edit to a scratch copy and trains a few steps: use it when you are unsure the edit runs.
+Look at the code with list_files, read_file and grep (paths relative to the repository root).{smoke}
 Hand in your edit with submit_edit; that ends your turn. Submit one edit per proposal."""
+SMOKE_INSTRUCTIONS = """ run_smoke
+applies an edit to a scratch copy and trains a few steps: use it when you are unsure the edit runs."""
 
 PLAIN_INSTRUCTIONS = """\
 # Reply
@@ -134,7 +135,7 @@ def system_prompt(context: Context, tools: bool, inline_files_bytes: int) -> str
         f"# Hardware\n{context.hardware.strip()}",
         f"# Paths\nEditable: {', '.join(context.editable)}\nProtected (never edit): {', '.join(context.protected)}",
         f"# Edit format\n{EDIT_FORMAT}",
-        TOOL_INSTRUCTIONS if tools else PLAIN_INSTRUCTIONS,
+        TOOL_INSTRUCTIONS.format(smoke=SMOKE_INSTRUCTIONS if context.smoke else "") if tools else PLAIN_INSTRUCTIONS,
         "# Files of the incumbent",
     ]
     for path in shown:
@@ -241,22 +242,20 @@ def tool_specs(smoke: bool) -> list[dict]:
 
 
 def check_arguments(spec: dict, arguments: dict) -> dict:
-    """arguments with integers given as strings converted; ToolError for a missing or mistyped field."""
-    schema = spec["parameters"]
-    missing = [name for name in schema["required"] if name not in arguments]
+    """The arguments the tool takes, with integers given as strings converted and nulls and unknown names
+    dropped; ToolError for a missing or mistyped one."""
+    properties, required = spec["parameters"]["properties"], spec["parameters"]["required"]
+    checked = {name: value for name, value in arguments.items() if name in properties and value is not None}
+    missing = [name for name in required if name not in checked]
     if missing:
         raise ToolError(f"{spec['name']}: missing argument(s) {', '.join(missing)}; "
-                        f"expected {json.dumps(schema['properties'])}")
-    checked = {}
-    for name, value in arguments.items():
-        if name not in schema["properties"]:
-            raise ToolError(f"{spec['name']}: unknown argument {name!r}; expected {', '.join(schema['properties'])}")
-        want = schema["properties"][name]["type"]
+                        f"expected {json.dumps(properties)}")
+    for name, value in checked.items():
+        want = properties[name]["type"]
         if want == "integer" and isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            value = int(value)
+            checked[name] = value = int(value)
         if not isinstance(value, TOOL_TYPES[want]) or isinstance(value, bool):
             raise ToolError(f"{spec['name']}: argument {name!r} must be a {want}, got {value!r:.80}")
-        checked[name] = value
     return checked
 
 
@@ -345,12 +344,21 @@ class Worktree:
 # ---------------------------------------------------------------------------------------------------
 # edits
 
+def edit_body(edit: Edit) -> str:
+    """The edit's blocks or diff, without prose after the last SEARCH/REPLACE block or a fence before the first."""
+    lines = edit.body.rstrip("\n").split("\n")  # only newlines: a diff's last context line may be a lone space
+    if edit.format == "search_replace":
+        last = max(i for i, line in enumerate(lines) if REPLACE_MARKER.match(line.removesuffix("\r")))
+        lines = lines[1:last + 1] if FENCE.match(lines[0]) else lines[:last + 1]
+    return "\n".join(lines) + "\n"
+
+
 def compose_edit(hypothesis: str, rationale: str, edit: str) -> str:
     """The contract's text: HYPOTHESIS (one line) + RATIONALE + the edit's body. EditError if it does not parse."""
-    body = parse_edit(edit)
-    hypothesis = " ".join((hypothesis or body.hypothesis).split())
-    rationale = (rationale or body.rationale).strip()
-    text = f"HYPOTHESIS: {hypothesis}\nRATIONALE: {rationale}\n\n{body.body.strip()}\n"
+    parsed = parse_edit(edit)
+    hypothesis = " ".join((hypothesis or parsed.hypothesis).split())
+    rationale = (rationale or parsed.rationale).strip()
+    text = f"HYPOTHESIS: {hypothesis}\nRATIONALE: {rationale}\n\n{edit_body(parsed)}"
     parse_edit(text)  # a rationale that itself holds SEARCH markers would change the meaning
     return text
 
@@ -523,10 +531,13 @@ class LLMProposer:
         """Say text and converse until the model hands in an edit that parses and applies. In tool mode the
         model gets max_turns calls, then one plain-text ask; in plain mode one reply, then one correction."""
         s.outbox.append(text)
-        why = ""
+        why, problem, nudge = "", "", ""
         for _ in range(self.max_turns if s.tools else 1):
             if why := self._over_budget(s):
                 break
+            if nudge:  # sent only if the loop goes on, so it never contradicts the final ask
+                s.outbox.append(nudge)
+                nudge = ""
             reply = self._call(s, tools_allowed=True)
             if s.tools and reply.calls:
                 if edit := self._run_calls(s, reply.calls):
@@ -535,13 +546,15 @@ class LLMProposer:
             try:
                 return self._edit_in_text(s, reply)
             except EditError as e:
-                why = f"reply without a usable edit: {e}"
-                if s.tools:
-                    s.outbox.append(NO_EDIT_IN_TEXT.format(error=e))
+                problem, nudge = str(e), NO_EDIT_IN_TEXT.format(error=e)
+        if s.tools:
+            why = why or f"turn limit ({self.max_turns} calls)"
+            s.outbox.append(FINAL_ASK.format(why=why))
+        elif problem:
+            why = "a reply without a usable edit"
+            s.outbox.append(CORRECTION.format(error=problem))
         else:
-            if s.tools:
-                why = f"turn limit ({self.max_turns} calls)"
-        s.outbox.append(FINAL_ASK.format(why=why) if s.tools else CORRECTION.format(error=why))
+            raise ProposalFailed(f"no edit: {why}")
         reply = self._call(s, tools_allowed=False)
         try:
             return self._edit_in_text(s, reply)
@@ -573,7 +586,7 @@ class LLMProposer:
 
     def _smoke(self, s: _Session, text: str) -> SmokeResult:
         """Run the loop's smoke check once per distinct edit; every run is recorded in attempts."""
-        key = parse_edit(text).body.strip()
+        key = edit_body(parse_edit(text))  # the same edit with other prose around it is not run again
         if key not in s.smoked:
             try:
                 result = s.context.smoke(text)
@@ -685,14 +698,13 @@ class LLMProposer:
                         self.max_attempts - 1, wait)
             self.sleep(wait)
             waited += wait
-        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _classify(self, e: Exception) -> tuple[str, float | None]:
         """(what failed, the server's retry-after) for a retryable error; ProposalFailed for any other."""
         if isinstance(e, self.status_error):
             status = e.status_code
             body = e.body if isinstance(e.body, dict) else {}
-            detail = body.get("error", body) if isinstance(body.get("error", body), dict) else {}
+            detail = body["error"] if isinstance(body.get("error"), dict) else body  # Anthropic nests it, OpenAI not
             message = _cut(detail.get("message") or e.message, 300)
             failure = f"rate limited: 429 {message}" if status == 429 else f"API error {status}: {message}"
             if status not in RETRY_STATUSES and status < 500:

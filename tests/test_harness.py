@@ -1,0 +1,245 @@
+"""The harness end to end with a fast stand-in trainer: real git, real runner, real evaluator, real judge.
+
+The scratch repo holds the real nanomodel model code (the evaluator builds it) and `nanomodel/fake_train.py`,
+which sleeps instead of training and saves a tiny untrained model. Its speed, its crashes and its NaNs are
+constants at the top of the file that the test edits change, so every verdict has a known right answer.
+The same pipeline on real cpu-test training is in test_e2e.py (slow).
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import git
+import pytest
+
+from agent import cli
+from agent.workspace import trailers
+
+REPO = Path(__file__).resolve().parents[1]
+
+FAKE_TRAIN = '''"""Stand-in trainer: sleeps STEPS x SLEEP seconds, prints progress, saves an untrained tiny model."""
+import os, sys, time
+SLEEP = 0.25
+STEPS = 8
+LOSS = 5.0
+CRASH = False
+CONFIG = {"vocab_size": 4096, "seq_len": 64, "n_layer": 1, "n_head": 2, "n_embd": 16}
+
+t0 = time.perf_counter()
+for step in range(1, STEPS + 1):
+    time.sleep(SLEEP)
+    if CRASH and step == 3:
+        1 / 0
+    print(f"step {step}/{STEPS} loss {LOSS - step * 0.01:.4f} elapsed {time.perf_counter() - t0:.2f}s", flush=True)
+import torch
+from nanomodel.model import build_model
+torch.manual_seed(int(os.environ["RATCHET_SEED"]))
+torch.save({"config": CONFIG, "model": build_model(CONFIG).state_dict()}, os.path.join(os.environ["RATCHET_RUN_DIR"], "final.pt"))
+'''
+
+
+def edit(old: str, new: str, hypothesis: str, path: str = "nanomodel/fake_train.py") -> str:
+    return f"HYPOTHESIS: {hypothesis}\nRATIONALE: test edit\n\n{path}\n<<<<<<< SEARCH\n{old}\n=======\n{new}\n>>>>>>> REPLACE\n"
+
+
+@pytest.fixture
+def repo(tmp_path, dataset, monkeypatch):
+    root = tmp_path / "target"
+    root.mkdir()
+    for package in ("nanomodel", "kernels"):
+        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "nanomodel" / "fake_train.py").write_text(FAKE_TRAIN)
+    (root / ".gitignore").write_text("runs/\n")
+    (root / "ratchet.toml").write_text(f"""
+[train]
+command = "python -m nanomodel.fake_train"
+nproc = 1
+data = "{dataset}"
+smoke_args = ""
+first_timeout = 60.0
+timeout_factor = 4.0
+[paths]
+editable = ["nanomodel/**", "kernels/**"]
+protected = ["kernels/reference.py", "ratchet.toml", "tests/**"]
+[eval]
+tokens = 1024
+window = 64
+batch = 16
+[judge]
+baseline_runs = 2
+min_pairs = 4
+max_pairs = 6
+[abort]
+pace_slack = 0.3
+min_fraction = 0.25
+""")
+    r = git.Repo.init(root)
+    r.git.config("user.name", "Test")
+    r.git.config("user.email", "test@example.com")
+    r.git.add("-A")
+    r.git.commit("-m", "target repo")
+    monkeypatch.chdir(root)
+    return root
+
+
+def ratchet(capsys, *args) -> dict:
+    code = cli.main([*args, "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0, out
+    return json.loads(out[-1])
+
+
+def ledger(root: Path) -> list[dict]:
+    return [json.loads(line) for line in (root / "runs" / "default" / "ledger.jsonl").read_text().splitlines()]
+
+
+def test_verdicts_commits_and_replay(repo, capsys, tmp_path):
+    base = ratchet(capsys, "baseline")
+    assert base["decision"] == "baseline" and len(base["seconds"]) == 2
+    head0 = git.Repo(repo).git.rev_parse("ratchet/default")
+
+    # (c) a protected file: rejected before any run
+    t0 = time.perf_counter()
+    protected = tmp_path / "protected.txt"
+    protected.write_text(edit("[eval]", "[eval]  # relax", "edit the settings", path="ratchet.toml"))
+    out = ratchet(capsys, "try", str(protected))
+    assert out["decision"] == "rejected" and out["reason"] == "protected path ratchet.toml"
+    assert out["candidate_seconds"] == [] and time.perf_counter() - t0 < 5
+
+    # (d) an exception: rejected with the error's last line
+    crash = tmp_path / "crash.txt"
+    crash.write_text(edit("CRASH = False", "CRASH = True", "crash at step 3"))
+    out = ratchet(capsys, "try", str(crash))
+    assert out["decision"] == "rejected"
+    assert "crashed" in out["reason"] and "ZeroDivisionError: division by zero" in out["reason"]
+
+    # (e) NaN loss: rejected
+    nan = tmp_path / "nan.txt"
+    nan.write_text(edit("LOSS = 5.0", 'LOSS = float("nan")', "nan loss"))
+    out = ratchet(capsys, "try", str(nan))
+    assert out["decision"] == "rejected" and "loss is nan" in out["reason"]
+
+    # (b) a sleep in every step: aborted early as slower, before a full candidate run
+    slow = tmp_path / "slow.txt"
+    slow.write_text(edit("SLEEP = 0.25", "SLEEP = 2.0", "sleep more"))
+    out = ratchet(capsys, "try", str(slow))
+    assert out["decision"] == "rejected" and out["reason"].startswith("slower")
+    row = ledger(repo)[-1]
+    cand = [r for r in row["runs"] if r["arm"] == "candidate"]
+    assert len(cand) == 1 and cand[0]["status"] == "aborted"
+    assert cand[0]["seconds"] < 10  # stopped well before its 16 s of sleeping
+
+    # (f) a genuine speedup: accepted, one commit with the contract's trailers
+    fast = tmp_path / "fast.txt"
+    fast.write_text(edit("SLEEP = 0.25", "SLEEP = 0.02", "sleep less"))
+    out = out_accepted = ratchet(capsys, "try", str(fast))
+    assert out["decision"] == "accepted", out
+    assert out["speedup"] > 0.2 and out["p_value"] <= 0.01
+    r = git.Repo(repo)
+    head1 = r.git.rev_parse("ratchet/default")
+    assert r.git.rev_parse(f"{head1}^") == head0 and head1 == out["commit"]
+    message = r.git.log("-1", "--format=%B", head1)
+    t = trailers(message)
+    assert message.startswith("sleep less\n")
+    assert t["Ratchet-Experiment"] == f"default/{out['id']}"
+    assert t["Ratchet-Wall-Clock"].startswith(f"{out['candidate_s']:.2f}s vs {out['incumbent_s']:.2f}s (-")
+    assert "p=" in t["Ratchet-Wall-Clock"] and "Ratchet-Val-Loss" in t and t["Ratchet-Proposer"] == "manual"
+    assert "SLEEP = 0.02" in r.git.show(head1)
+
+    # every rejected edit with a diff stays reviewable under refs/ratchet/<tag>/rejected/<id>
+    rows = ledger(repo)
+    for row in rows:
+        if row.get("decision") == "rejected" and row.get("diff"):
+            assert r.git.rev_parse(f"refs/ratchet/default/rejected/{row['id']}") == row["commit"]
+    assert [row["decision"] for row in rows] == ["baseline", "rejected", "rejected", "rejected", "rejected", "accepted"]
+    assert (repo / "runs" / "default" / "results.tsv").read_text().count("\n") == len(rows) + 1
+    assert not any((repo / "runs" / "default" / "worktrees").iterdir())
+    # the user's checkout is untouched
+    assert r.active_branch.name in ("master", "main") and not r.is_dirty()
+
+    # replay: the win holds against its parent
+    out = ratchet(capsys, "replay", head1)
+    assert out["decision"] == "reproduced", out
+    rec = out["commits"][0]
+    assert rec["recorded_speedup"] == pytest.approx(1 - out_accepted["candidate_s"] / out_accepted["incumbent_s"], abs=1e-3)
+    assert rec["speedup"] > 0.2
+
+
+def test_noop_edit_is_not_significant(repo, capsys, tmp_path):
+    ratchet(capsys, "baseline")
+    noop = tmp_path / "noop.txt"
+    noop.write_text(edit("LOSS = 5.0", "LOSS = 5.0  # same value, new comment", "a no-op"))
+    out = ratchet(capsys, "try", str(noop))
+    assert out["decision"] == "rejected"
+    assert out["reason"].startswith(("not significant", "slower", "speedup")), out["reason"]
+    assert git.Repo(repo).git.rev_parse("ratchet/default") == git.Repo(repo).git.rev_parse("HEAD")
+
+
+def test_errors_exit_2_and_duplicates_are_not_run(repo, capsys, tmp_path):
+    assert cli.main(["try", str(tmp_path / "missing.txt")]) == 2
+    noop = tmp_path / "noop.txt"
+    noop.write_text(edit("STEPS = 8", "STEPS = 8  # again", "comment"))
+    assert cli.main(["try", str(noop)]) == 2  # no baseline yet: a setup error, not a verdict
+    assert "ratchet baseline" in capsys.readouterr().err
+
+
+def _wait_for(predicate, timeout: float):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_kill_9_mid_experiment_then_resume(repo, capsys, tmp_path):
+    ratchet(capsys, "baseline")
+    fast = tmp_path / "fast.txt"
+    fast.write_text(edit("SLEEP = 0.25", "SLEEP = 0.03", "sleep less"))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "try", str(fast), "--json"], cwd=repo, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    tag_dir = repo / "runs" / "default"
+    assert _wait_for(lambda: any(tag_dir.glob("exp-0002/run-02-*/train.log")), 120)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = json.loads((tag_dir / "state.json").read_text())
+    assert state["inflight"]["id"] == "0002"
+    assert [r["id"] for r in ledger(repo)] == ["0001"]  # nothing half-recorded
+    assert git.Repo(repo).git.rev_parse("ratchet/default") == git.Repo(repo).git.rev_parse("HEAD")
+
+    out = ratchet(capsys, "try", str(fast))  # the same command resumes: the interrupted experiment re-runs
+    assert out["id"] == "0002" and out["decision"] == "accepted"
+    rows = ledger(repo)
+    assert [r["id"] for r in rows] == ["0001", "0002"]
+    assert "inflight" not in json.loads((tag_dir / "state.json").read_text())
+    assert git.Repo(repo).git.rev_parse("ratchet/default") == out["commit"]
+    assert not any((tag_dir / "worktrees").iterdir())
+
+
+def test_decision_saved_before_publish_is_finished_on_recover(repo, capsys, tmp_path, monkeypatch):
+    """A kill between result.json and the branch move: the next command completes the commit, exactly once."""
+    from agent.harness import Harness
+    ratchet(capsys, "baseline")
+    fast = tmp_path / "fast.txt"
+    fast.write_text(edit("SLEEP = 0.25", "SLEEP = 0.02", "sleep less"))
+
+    def crash(self, row):
+        raise KeyboardInterrupt  # stands in for a kill right after result.json was written
+    monkeypatch.setattr(Harness, "_publish", crash)
+    assert cli.main(["try", str(fast)]) == 130
+    monkeypatch.undo()
+    monkeypatch.chdir(repo)
+    assert [r["id"] for r in ledger(repo)] == ["0001"]
+    assert cli.main(["status"]) == 0
+    assert "in flight" in capsys.readouterr().out
+    out = ratchet(capsys, "baseline")  # any command recovers first
+    rows = ledger(repo)
+    assert [r["id"] for r in rows] == ["0001", "0002"] and rows[1]["decision"] == "accepted"
+    assert git.Repo(repo).git.rev_parse("ratchet/default") == rows[1]["commit"]
+    assert out["decision"] == "baseline"
