@@ -96,8 +96,11 @@ def cmd_baseline(args) -> int:
 
 def cmd_try(args) -> int:
     text = sys.stdin.read() if args.patch == "-" else Path(args.patch).read_text()
-    row = _harness(args).try_edit(text, proposer=args.proposer)
-    _emit(args, _summary(row))
+    rows = _harness(args).experiment(text, proposer=args.proposer, calibrate=False if args.no_calibrate else None)
+    # the edit's fate: its accepted variant if calibration found one, else its own verdict
+    out = _summary(next((r for r in rows if r["decision"] == "accepted"), rows[0]))
+    out["experiments"] = [_summary(r) for r in rows]
+    _emit(args, out)
     return 0
 
 
@@ -211,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("try", cmd_try, "take one edit file (SEARCH/REPLACE or unified diff) through the whole pipeline")
     p.add_argument("patch", help="edit file, or - for stdin")
     p.add_argument("--proposer", default="manual", help="recorded in the ledger and the commit trailer")
+    p.add_argument("--no-calibrate", action="store_true", help="judge the edit at its own length only")
     p.add_argument("--json", action="store_true")
     p = command("replay", cmd_replay, "re-measure commits against their parents (or --onto another base)")
     p.add_argument("revs", nargs="+")

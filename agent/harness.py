@@ -23,7 +23,10 @@ from pathlib import Path
 
 import torch
 
-from agent import guard
+import git
+import numpy as np
+
+from agent import calibrate, guard
 from agent.edits import EditError, apply_edit, edit_fingerprint, parse_edit
 from agent.evaluate import evaluate
 from agent.judge import CANDIDATE, INCUMBENT, Judge, JudgeParams, target_from_baseline
@@ -227,9 +230,50 @@ class Harness:
         return baseline
 
     # ------------------------------------------------------------------ one experiment
+    def experiment(self, text: str, proposer: str = "manual", kind: str = "try", extra: dict | None = None,
+                   should_stop=lambda: False, calibrate: bool | None = None) -> list[dict]:
+        """An edit through the judge, then, when its loss says a different length would win, up to
+        [length] max_attempts calibrated variants (see agent/calibrate.py). Returns every ledger row made."""
+        rows = [self.try_edit(text, proposer, kind, extra, should_stop)]
+        if self.settings.length.calibrate if calibrate is None else calibrate:
+            rows += self._calibrate(text, rows[0], proposer, extra, should_stop)
+        return rows
+
+    def _calibrate(self, text: str, row: dict, proposer: str, extra: dict | None, should_stop) -> list[dict]:
+        L, state = self.settings.length, self.state
+        try:
+            length = calibrate.read_length(self.ws.repo.git.show(f"{row['commit']}:{L.file}"), L.pattern, L.file) \
+                if row.get("commit") else None
+        except (calibrate.LengthError, git.GitCommandError) as e:  # no knob in this tree: nothing to calibrate
+            self.events.stage(f"no calibration: {e}")
+            return []
+        if length is None:
+            return []
+        base = state["baseline"]
+        noise = max(float(np.std(base["val_losses"], ddof=1)), self.settings.target.min_tolerance)
+        plan, why = calibrate.plan(row, length, base["target"], noise, self.settings.judge.min_speedup,
+                                   L.min_fraction, L.max_fraction)
+        if plan is None:
+            return []
+        self.events.stage(f"calibrating the length ({plan.direction}): {why}")
+        rows, steps = [], plan.first
+        for _ in range(L.max_attempts):
+            r = self.try_edit(text, proposer, "calibrate", {**(extra or {}), "calibrates": row["id"],
+                              "steps_before": length, "steps_after": steps, "calibration": why},
+                              should_stop, length=steps)
+            rows.append(r)
+            if r["decision"] == "accepted" or not (r.get("verdict") or {}).get("val_loss_mean"):
+                break
+            plan.bracket.record(steps, met_target=r["verdict"]["val_loss_mean"] <= base["target"])
+            steps = plan.bracket.next(steps)
+            if steps is None:
+                break
+        return rows
+
     def try_edit(self, text: str, proposer: str = "manual", kind: str = "try", extra: dict | None = None,
-                 should_stop=lambda: False) -> dict:
+                 should_stop=lambda: False, length: int | None = None) -> dict:
         """Take an edit (either format) through the whole pipeline; returns its ledger row.
+        `length`: write this step count into the length knob after the edit (a calibrated variant).
         `should_stop` is asked between runs; when it says yes, Stopped is raised and the experiment stays in flight."""
         self.recover()
         state = self.require_baseline()
@@ -260,7 +304,9 @@ class Harness:
         try:
             try:
                 apply_edit(edit, cand_wt)
-            except EditError as e:
+                if length is not None:
+                    calibrate.set_length(cand_wt, self.settings.length.file, self.settings.length.pattern, length)
+            except (EditError, calibrate.LengthError) as e:
                 return self._finish(row, exp_dir, None, "rejected", f"edit does not apply: {e}")
             commit = self.ws.commit(cand_wt, edit.hypothesis or "ratchet edit")
             row["diff"] = self.ws.diff(commit)
@@ -326,13 +372,13 @@ class Harness:
         return verdict.state, verdict.reason, asdict(verdict)
 
     # ------------------------------------------------------------------ the loop's entry points
-    def run_proposal(self, proposal, made_on: str, should_stop=lambda: False) -> dict:
+    def run_proposal(self, proposal, made_on: str, should_stop=lambda: False) -> list[dict]:
         """One experiment from a proposer's Proposal; a failed proposal is recorded without running anything."""
         extra = {"key": proposal.key, "usage": asdict(proposal.usage), "attempts": proposal.attempts,
                  "proposed_on": made_on}
         if proposal.error:
-            return self.record_failure(proposal, extra)
-        return self.try_edit(proposal.text, proposer=proposal.proposer, kind="run", extra=extra, should_stop=should_stop)
+            return [self.record_failure(proposal, extra)]
+        return self.experiment(proposal.text, proposer=proposal.proposer, kind="run", extra=extra, should_stop=should_stop)
 
     def record_failure(self, proposal, extra: dict) -> dict:
         self.recover()
@@ -531,7 +577,12 @@ def commit_message(row: dict, tag: str) -> str:
     lines = [row.get("hypothesis") or "ratchet edit", ""]
     if row.get("rationale"):
         lines += [row["rationale"].strip(), ""]
+    if row.get("calibrates"):
+        lines += [f"Step calibration: the edit of experiment {row['calibrates']} with the length moved from "
+                  f"{row['steps_before']} to {row['steps_after']} steps ({row['calibration']}).", ""]
     lines.append(f"Ratchet-Experiment: {tag}/{row['id']}")
+    if row.get("calibrates"):
+        lines.append(f"Ratchet-Calibrated: steps {row['steps_before']} -> {row['steps_after']} (from {tag}/{row['calibrates']})")
     if row.get("candidate_s") is not None and row.get("incumbent_s") is not None:
         change = row["candidate_s"] / row["incumbent_s"] - 1
         p = "n/a" if row.get("p_value") is None else f"{row['p_value']:.2g}"

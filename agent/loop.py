@@ -134,12 +134,12 @@ class Loop:
                 pending = self.pool.submit(self._propose) if self.budgets.exhausted(
                     {**loop, "experiments": loop["experiments"] + 1}) is None else None
                 try:
-                    h.run_proposal(proposal, made_on, should_stop=stop)
+                    rows = h.run_proposal(proposal, made_on, should_stop=stop)
                 except Stopped:
                     reason = "stop requested (the interrupted experiment re-runs on resume)"
                     break
                 loop = self._loop_state()
-                loop["experiments"] += 1
+                loop["experiments"] += len(rows)
                 loop["pending"] = None
                 loop["active_s"] += time.perf_counter() - started
                 self._save_loop(loop)

@@ -34,7 +34,8 @@ class Finding:
 RULES: dict[str, tuple[str, str]] = {
     "syntax": ("reject", "the edited file does not parse (or is not UTF-8)"),
     "patch-timer": ("reject", "assigns, deletes or setattr()s anything on time, datetime, timeit, torch.cuda.Event, "
-                              "torch.cuda.synchronize, torch.utils.benchmark or triton.testing: timing is the harness's"),
+                              "torch.cuda.synchronize, torch.utils.benchmark or triton.testing: timing is the "
+                              "harness's"),
     "patch-library": ("reject", "monkeypatches a library (torch, torch.nn.functional, torch.Tensor, numpy, math, "
                                 "builtins, sys.modules, kernels.reference, aten ops via torch.library): the evaluator "
                                 "and the kernel tests import candidate code. Allowed knobs: torch.backends.*, "
@@ -130,7 +131,8 @@ PATH_CALLS = {
     "torch.jit.load": (("load", 0, "f"),), "numpy.load": (("load", 0, "file"),), "pickle.load": (("load", 0, "file"),),
     "pickle.loads": (("load", 0, "data"),), "joblib.load": (("load", 0, "filename"),),
     "safetensors.torch.load_file": (("load", 0, "filename"),), "safetensors.safe_open": (("load", 0, "filename"),),
-    "torch.save": (("write", 1, "f"),), "torch.jit.save": (("write", 1, "f"),), "numpy.save": (("write", 0, "file"),), "numpy.savez": (("write", 0, "file"),),
+    "torch.save": (("write", 1, "f"),), "torch.jit.save": (("write", 1, "f"),), "numpy.save": (("write", 0, "file"),),
+    "numpy.savez": (("write", 0, "file"),),
     "numpy.savez_compressed": (("write", 0, "file"),), "numpy.savetxt": (("write", 0, "fname"),),
     "pickle.dump": (("write", 1, "file"),), "json.dump": (("write", 1, "fp"),),
     "safetensors.torch.save_file": (("write", 1, "filename"),),
@@ -236,7 +238,12 @@ def _hits(path: str, source: str) -> list[tuple[Finding, int]]:
     except SyntaxError as e:
         line = e.lineno or 1
         return [(_finding("syntax", path, line, f"does not parse: {e.msg}"), line)]
-    return _Checker(path, tree).run()
+    except (ValueError, RecursionError) as e:  # null bytes; nesting past the parser's limit
+        return [(_finding("syntax", path, 1, f"does not parse: {e}"), 1)]
+    try:
+        return _Checker(path, tree).run()
+    except RecursionError:  # code nested past what the checker can follow must not pass unread
+        return [(_finding("syntax", path, 1, "nested too deeply for the policy to read"), 1)]
 
 
 def _introduced(hits, old_hits, old_source: str, source: str) -> list[tuple[Finding, int]]:
@@ -256,11 +263,14 @@ class _Source:
 
     def __init__(self, tree: ast.Module, package: str):
         self.package = package  # dotted package of the file, for relative imports
-        self.parent = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        self.nodes = list(ast.walk(tree))  # breadth-first, as every pass below visits them
+        self.parent = {child: node for node in self.nodes for child in ast.iter_child_nodes(node)}
         self.bindings: dict[ast.AST, dict[str, list[tuple[str, object]]]] = {}  # scope -> name -> [(kind, payload)]
         self.attribute_values: dict[str, list[ast.expr]] = {}  # "self.run_dir" -> values assigned, file-wide
-        self._busy: set[int] = set()  # payloads being resolved: guards `x = x / "a"` and other cycles
-        for node in ast.walk(tree):
+        self._busy: set[tuple[str, int]] = set()  # bound values being resolved: guards cycles
+        self._memo: dict[tuple[str, int], object] = {}  # bound value -> its resolution: names bound many times
+        self._chains: dict[int, list[ast.AST]] = {}
+        for node in self.nodes:
             self._bind(node)
 
     # scopes and bindings: kinds are "import" (payload: qualified name), "value" (an expression whose value the
@@ -268,12 +278,14 @@ class _Source:
 
     def scope_chain(self, node: ast.AST):
         """Enclosing scopes, innermost first; class bodies are visible only to code directly inside them."""
-        chain, node = [], self.parent.get(node)
-        while node is not None:
-            if isinstance(node, SCOPES) and not (isinstance(node, ast.ClassDef) and chain):
-                chain.append(node)
-            node = self.parent.get(node)
-        return chain
+        if id(node) not in self._chains:
+            chain, scope = [], self.parent.get(node)
+            while scope is not None:
+                if isinstance(scope, SCOPES) and not (isinstance(scope, ast.ClassDef) and chain):
+                    chain.append(scope)
+                scope = self.parent.get(scope)
+            self._chains[id(node)] = chain
+        return self._chains[id(node)]
 
     def _add(self, scope, name: str, kind: str, payload=None) -> None:
         self.bindings.setdefault(scope, {}).setdefault(name, []).append((kind, payload))
@@ -282,7 +294,7 @@ class _Source:
         if isinstance(target, ast.Name):
             self._add(self.scope_chain(target)[0], target.id, kind, value)
         elif isinstance(target, (ast.Tuple, ast.List)):
-            pairs = (kind == "value" and isinstance(value, (ast.Tuple, ast.List)) and len(value.elts) == len(target.elts))
+            pairs = kind == "value" and isinstance(value, (ast.Tuple, ast.List)) and len(value.elts) == len(target.elts)
             for i, element in enumerate(target.elts):
                 self._bind_target(element, kind if pairs else "unknown", value.elts[i] if pairs else None)
         elif isinstance(target, ast.Starred):
@@ -330,14 +342,16 @@ class _Source:
                 return found
         return None
 
-    def _guarded(self, payload, resolve, fallback):
-        if id(payload) in self._busy:
-            return fallback
-        self._busy.add(id(payload))
-        try:
-            return resolve(payload)
-        finally:
-            self._busy.discard(id(payload))
+    def _resolved(self, what: str, payload, resolve, fallback):
+        """resolve(payload), computed once per (what, payload); `fallback` inside a cycle (`x = x / "a"`)."""
+        key = (what, id(payload))
+        if key not in self._memo:
+            if key in self._busy:
+                return fallback
+            self._busy.add(key)
+            self._memo[key] = resolve(payload)
+            self._busy.discard(key)
+        return self._memo[key]
 
     # names
 
@@ -350,7 +364,7 @@ class _Source:
             if bindings is None:
                 return f"builtins.{node.id}" if node.id in BUILTIN_NAMES else None
             # a name also bound to other things in the same scope still counts (`F = None` must not hide an import)
-            names = {payload if kind == "import" else self._guarded(payload, self.qualname, None)
+            names = {payload if kind == "import" else self._resolved("qualname", payload, self.qualname, None)
                      for kind, payload in bindings if kind in ("import", "value")} - {None}
             return names.pop() if len(names) == 1 else None
         if isinstance(node, ast.Attribute):
@@ -386,7 +400,7 @@ class _Source:
             return "".join(v.value for v in node.values)
         if isinstance(node, ast.Name):
             bindings = self.lookup(node.id, node) or [("unknown", None)]
-            values = {self._guarded(payload, self.const_str, None) if kind == "value" else None
+            values = {self._resolved("str", payload, self.const_str, None) if kind == "value" else None
                       for kind, payload in bindings}
             return values.pop() if len(values) == 1 else None
         return None
@@ -399,7 +413,7 @@ class _Source:
             return -value if value is not None else None
         if isinstance(node, ast.Name):
             bindings = self.lookup(node.id, node) or [("unknown", None)]
-            values = {self._guarded(payload, self.const_int, None) if kind == "value" else None
+            values = {self._resolved("int", payload, self.const_int, None) if kind == "value" else None
                       for kind, payload in bindings}
             return values.pop() if len(values) == 1 else None
         return None
@@ -408,7 +422,8 @@ class _Source:
 
     def env_read(self, node: ast.AST):
         """(key expression, default expression or None) when `node` reads an environment variable, else None."""
-        if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load) and self.qualname(node.value) == "os.environ":
+        if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load) \
+                and self.qualname(node.value) == "os.environ":
             return node.slice, None
         if isinstance(node, ast.Call) and node.args and self.qualname(node.func) in (
                 "os.getenv", "os.environ.get", "os.environ.setdefault", "os.environ.pop"):
@@ -439,14 +454,15 @@ class _Source:
             tags = set()
             for kind, payload in self.lookup(node.id, node) or [("unknown", None)]:
                 if kind in ("value", "item"):
-                    tags |= self._guarded(payload, lambda p: self.origin(p, leading), set())
+                    tags |= self._resolved(f"origin{leading}", payload, lambda p: self.origin(p, leading), set())
                 else:
                     tags.add("unknown")
             return tags or {"unknown"}
         if isinstance(node, ast.Attribute):
             values = self.attribute_values.get(ast.unparse(node))
             if values:
-                return set().union(*(self._guarded(v, lambda p: self.origin(p, leading), set()) for v in values))
+                return set().union(*(self._resolved(f"origin{leading}", v, lambda p: self.origin(p, leading), set())
+                                     for v in values))
             if node.attr in ("parent", "parents"):  # run_dir.parent is no longer the run directory
                 tags = self.origin(node.value, leading)
                 return (tags - SANCTIONED) | ({"unknown"} if tags & SANCTIONED else set())
@@ -511,21 +527,22 @@ class _Checker:
     """Runs every rule over one parsed file and collects (finding, last line) pairs, one per rule and line."""
 
     def __init__(self, path: str, tree: ast.Module):
-        self.path, self.tree = path, tree
+        self.path = path
         package = ".".join(Path(path).parent.parts)
         self.src = _Source(tree, package)
         self.in_kernels = path.startswith("kernels/") and path != "kernels/reference.py"
         self.is_dispatcher = path == "kernels/__init__.py"  # imports the references by design: it picks one
         self.hits: dict[tuple[str, int], tuple[Finding, int]] = {}
-        self.docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr)}
+        self.docstrings = {id(n.value) for n in self.src.nodes if isinstance(n, ast.Expr)}
         self.constant_seeds: list[tuple[ast.Call, str, int]] = []
 
     def hit(self, rule: str, node: ast.AST, message: str) -> None:
         line = getattr(node, "lineno", 1)
-        self.hits.setdefault((rule, line), (_finding(rule, self.path, line, message), getattr(node, "end_lineno", line) or line))
+        end = getattr(node, "end_lineno", None) or line
+        self.hits.setdefault((rule, line), (_finding(rule, self.path, line, message), end))
 
     def run(self) -> list[tuple[Finding, int]]:
-        for node in ast.walk(self.tree):
+        for node in self.src.nodes:
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 self.check_import(node)
             elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
@@ -632,11 +649,10 @@ class _Checker:
                 self.patch(node, self._key(args), "changes sys.modules entry", own_allowed=False)
             else:
                 self.patch(node, f"{receiver.removesuffix('.__dict__')}.{self._key(args)}", f"{method}()s")
-        elif callee and (callee.endswith("mock.patch") or callee.endswith("mock.patch.object")) and args:
-            target = self.src.const_str(args[0]) if callee.endswith("patch") else self.src.qualname(args[0])
-            name = self._key(args[1:]) if callee.endswith("object") else None
-            if target:
-                self.patch(node, f"{target}.{name}" if name else target, "mock-patches")
+        elif callee and callee.endswith("mock.patch") and args and self.src.const_str(args[0]):
+            self.patch(node, self.src.const_str(args[0]), "mock-patches")
+        elif callee and callee.endswith("mock.patch.object") and args and self.src.qualname(args[0]):
+            self.patch(node, f"{self.src.qualname(args[0])}.{self._key(args[1:])}", "mock-patches")
         elif callee and _matches(callee, ("torch.library",)) and any(
                 _is_aten(self.src.const_str(a)) for a in args + [k.value for k in node.keywords]):
             self.hit("patch-library", node, f"{_display(callee)} on aten: overriding torch's own ops changes them "
@@ -656,16 +672,14 @@ class _Checker:
         what = _show(node.func, 40)
         if callee in OPENERS or (callee and callee.endswith(".open") and callee not in PATH_CALLS):
             mode_index, default = OPENERS.get(callee, (1, "r"))
-            mode = _argument(node, mode_index, "mode")
-            mode_text = default if mode is None else self.src.const_str(mode) or "r"
             path = _argument(node, 0, "file") or _argument(node, 0, "filename")
-            self.judge_path(node, what, "write" if set(mode_text) & set("wax+") else "read", path)
+            self.judge_path(node, what, self.open_kind(_argument(node, mode_index, "mode"), default), path)
         elif callee in PATH_CALLS:
             for kind, index, keyword in PATH_CALLS[callee]:
                 self.judge_path(node, what, kind, _argument(node, index, keyword))
         elif callee in TEMPFILES:
             directory = _argument(node, -1, "dir")
-            if directory is None or self.src.place(directory) != "run":
+            if directory is None or self.src.place(directory) in ("outside", "fixed"):
                 self.hit("write-outside", node, f"{what} makes files in the shared temp dir: only RATCHET_RUN_DIR "
                                                 f"may be written")
         elif callee is None and method is not None:
@@ -673,11 +687,14 @@ class _Checker:
             if method in PATH_METHODS:
                 self.judge_path(node, what, PATH_METHODS[method], node.func.value)
             elif method == "open":
-                mode = _argument(node, 0, "mode")
-                mode_text = "r" if mode is None else self.src.const_str(mode) or "r"
-                self.judge_path(node, what, "write" if set(mode_text) & set("wax+") else "read", node.func.value)
+                self.judge_path(node, what, self.open_kind(_argument(node, 0, "mode"), "r"), node.func.value)
             elif method in TARGET_METHODS and len(node.args) == 1 and not node.keywords:
                 self.judge_path(node, what, "write", node.args[0])
+
+    def open_kind(self, mode, default: str) -> str:
+        """"write" when the open mode ('w', 'a', 'x', '+') writes, else "read"; a computed mode counts as reading."""
+        text = default if mode is None else self.src.const_str(mode) or "r"
+        return "write" if set(text) & set("wax+") else "read"
 
     def judge_path(self, node, what: str, kind: str, path) -> None:
         if path is None:
@@ -763,7 +780,7 @@ class _Checker:
             self.check_env_name(node, text)
 
     def check_seeds(self) -> None:
-        reads_seed = any(isinstance(n, ast.Constant) and n.value == "RATCHET_SEED" for n in ast.walk(self.tree))
+        reads_seed = any(isinstance(n, ast.Constant) and n.value == "RATCHET_SEED" for n in self.src.nodes)
         if reads_seed:
             return
         for node, what, value in self.constant_seeds:

@@ -5,11 +5,12 @@
   - read-only: the training shards, each bound by its real path into an otherwise empty dir at RATCHET_TRAIN_DATA's
     path, so the validation shards beside them are nowhere to be seen;
   - read-write: the run dir (HOME is a folder inside it); /tmp and /dev/shm are fresh tmpfs that die with the run;
-  - no host home, host /tmp, ledger, earlier runs or dataset dir; no network (loopback only, for gloo).
-The process tree lives in its own PID namespace: when the command ends, or bwrap is killed (the runner kills bwrap's
-process group), the kernel kills every process inside, setsid daemons included. Capabilities are dropped (as root,
-bwrap would otherwise keep them, and CAP_SYS_ADMIN can remount a read-only bind read-write) and the sandbox cannot
-create user namespaces of its own.
+  - no host home, host /tmp, ledger, earlier runs or dataset dir; no network (a loopback of its own, for gloo).
+Processes: the command is pid 1 of its own PID namespace, so when it exits the kernel kills everything else inside
+(setsid daemons included) before bwrap returns; when bwrap is killed (the runner kills bwrap's process group) or its
+parent dies, the command gets SIGKILL and the namespace goes with it. Privileges: as root, bwrap keeps every
+capability unless told otherwise, and CAP_SYS_ADMIN can remount a read-only bind read-write: capabilities are
+dropped and the sandbox cannot make user namespaces of its own.
 
 `ensure(required)` decides whether runs are sandboxed on this machine; `available()` says why not.
 """
@@ -26,7 +27,10 @@ BWRAP = "bwrap"  # the executable, looked up on PATH
 INSTALL_HINT = "apt-get install bubblewrap"
 # namespaces and privileges; --unshare-user is explicit because --disable-userns needs it (bwrap as root skips it)
 ISOLATION = ["--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL",
-             "--as-pid-1", "--die-with-parent",  # bwrap's parent (the harness) dies -> the sandbox dies
+             # the command is pid 1: its exit kills the rest before bwrap exits (bwrap's own pid-1 reaper reports
+             # the exit first and lets the rest die a moment later, when the runner may count them as survivors)
+             "--as-pid-1",
+             "--die-with-parent",  # bwrap or its parent (the harness) dies -> the command dies, and the namespace
              "--new-session",  # no controlling terminal to push keystrokes into (TIOCSTI)
              "--hostname", "localhost"]  # the hostname resolves to 127.0.0.1: gloo finds lo without GLOO_SOCKET_IFNAME
 # what any program needs from the host, all read-only; a path that is a symlink (merged /usr: /bin -> usr/bin) is

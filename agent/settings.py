@@ -3,6 +3,7 @@
 The limits live here, never in the target repo: the agent cannot raise its own timeouts or lower the bar.
 Unknown keys and bad values are errors that name the key.
 """
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -68,6 +69,17 @@ class Abort:
 
 
 @dataclass
+class Length:
+    # the training length knob, for step calibration: a regex whose one group is the step count in `file`
+    file: str = "nanomodel/config.py"
+    pattern: str = r"steps: int = (\d+)"
+    calibrate: bool = True           # try shorter (or longer) runs when an edit changes the loss reached
+    max_attempts: int = 2            # derived attempts per edit
+    min_fraction: float = 0.3        # never calibrate below this fraction of the current length
+    max_fraction: float = 1.5        # nor above this multiple
+
+
+@dataclass
 class Settings:
     train: Train = field(default_factory=Train)
     paths: Paths = field(default_factory=Paths)
@@ -75,6 +87,7 @@ class Settings:
     target: Target = field(default_factory=Target)
     judge: Judge = field(default_factory=Judge)
     abort: Abort = field(default_factory=Abort)
+    length: Length = field(default_factory=Length)
 
     @property
     def data_dir(self) -> Path:
@@ -120,11 +133,21 @@ def validate(s: Settings) -> Settings:
         (s.judge.baseline_runs >= 2, "[judge] baseline_runs must be >= 2"),
         (s.abort.pace_slack >= 0 and s.abort.loss_slack > 0, "[abort] slacks must be positive"),
         (all(isinstance(g, str) for g in s.paths.editable + s.paths.protected), "[paths] globs must be strings"),
+        (_one_group(s.length.pattern), "[length] pattern must be a valid regex with exactly one group"),
+        (s.length.max_attempts >= 0, "[length] max_attempts must be >= 0"),
+        (0 < s.length.min_fraction < 1 < s.length.max_fraction, "[length] need 0 < min_fraction < 1 < max_fraction"),
     ]
     for ok, message in checks:
         if not ok:
             raise SettingsError(f"{FILENAME}: {message}")
     return s
+
+
+def _one_group(pattern: str) -> bool:
+    try:
+        return re.compile(pattern).groups == 1
+    except re.error:
+        return False
 
 
 def load(root: Path) -> Settings:
@@ -163,12 +186,14 @@ def dumps(s: Settings) -> str:
 # presets for nanomodel's named configs: what differs from the defaults
 PRESETS = {
     "cpu-test": dict(train=dict(config="cpu-test", first_timeout=300.0), eval=dict(tokens=8192, window=64, batch=32),
+                     length=dict(pattern=r'"cpu-test": Config\([^)]*?steps=(\d+)'),
                      judge=dict(baseline_runs=3, min_pairs=4, max_pairs=8), abort=dict(min_fraction=0.25)),
     "cpu-tiny": dict(train=dict(config="cpu-tiny", first_timeout=900.0), eval=dict(tokens=65536, window=256, batch=16)),
     "gpt2-124m": dict(train=dict(config="gpt2-124m", data="~/.cache/ratchet/data/fineweb", first_timeout=7200.0,
                                  smoke_args="--steps 3 --log_every 1 --batch_size 256"),
                       eval=dict(tokens=10485760, window=1024, batch=16, timeout=1800.0),
-                      target=dict(policy="fixed", value=3.28)),
+                      target=dict(policy="fixed", value=3.28),
+                      length=dict(pattern=r'"gpt2-124m": Config\([^)]*?steps=(\d+)')),
 }
 
 

@@ -1,13 +1,13 @@
 """Fused LayerNorm (weight and bias) over the last dim, forward and backward, in Triton.
 
-Forward: one pass reads x [M, C] once and writes y once; mean and 1/std are computed in registers and kept per
-row (8 bytes a row) for the backward. Eager PyTorch under autocast first upcasts bf16 x to fp32 (a write and a
-read of 4 bytes an element) and then normalizes, so it moves about twice the bytes.
+Forward: one pass reads x [M, C] once and writes y once; mean and 1/std stay in registers and are kept per row
+(8 bytes a row) for the backward. For bf16 x, eager PyTorch under autocast runs layer_norm in fp32 on an upcast
+copy and returns fp32, which the next matmul casts back to bf16: about 20 bytes moved per element against 4 here.
 
 Backward: one pass per row block reads x and dy, recomputes x_hat from the saved mean and 1/std, writes dx, and
-accumulates dweight and dbias for its rows in registers. Each program loops over many row blocks so only a small
+accumulates dweight and dbias for its rows in registers. Each program loops over many row blocks, so only a small
 [programs, C] fp32 buffer of partial sums goes to memory; torch sums it. The gradients of x, weight and bias thus
-cost one read of x and dy and one write of dx.
+cost one read of x and dy and one write of dx: 6 bytes per bf16 element.
 
 Shapes: x [..., C] with C <= MAX_FEATURES, flattened to M rows. Loads in x's dtype, computes in fp32, stores y
 and dx in x's dtype and dweight, dbias in the parameters' dtype.
@@ -100,7 +100,8 @@ class LayerNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps):
         n_cols = x.shape[-1]
         if n_cols > MAX_FEATURES:
-            raise KernelInputError(f"layer_norm: {n_cols} features exceed MAX_FEATURES={MAX_FEATURES} in kernels/layernorm.py")
+            raise KernelInputError(f"layer_norm: {n_cols} features exceed MAX_FEATURES={MAX_FEATURES} "
+                                   "(kernels/layernorm.py)")
         x2d = x.reshape(-1, n_cols).contiguous()
         n_rows = x2d.shape[0]
         y = torch.empty_like(x2d)

@@ -31,7 +31,7 @@ def gelu_tanh_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 def cross_entropy_ref(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of logsumexp(logits[i]) - logits[i, targets[i]]; logits [N, V], targets [N] int64 -> fp32 scalar."""
+    """Mean over rows i of logsumexp(logits[i]) - logits[i, targets[i]]: logits [N, V], targets [N] int64 -> fp32."""
     logits32 = logits.float()
     target_logits = logits32.gather(1, targets[:, None]).squeeze(1)
     return (torch.logsumexp(logits32, dim=1) - target_logits).mean()

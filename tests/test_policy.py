@@ -1,11 +1,17 @@
 """The static policy: each rule catches its hack (right rule id and severity) and leaves the near-miss legitimate
 speedup alone; diffing against the old source reports only what the edit introduced; the baseline is clean."""
+import shutil
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from agent.edits import apply_edit, parse_edit
+from agent.guard import matches
 from agent.policy import RULES, Finding, check_files, check_source, format_findings, rejecting
+from agent.propose.catalog import render
+from agent.propose.catalog_entries import ENTRIES
+from agent.settings import Paths
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN, KERNEL, DISPATCHER = "nanomodel/train.py", "kernels/gelu.py", "kernels/__init__.py"
@@ -187,8 +193,8 @@ CLEAN = [
     ("from kernels.reference import layer_norm_ref\nnorm = layer_norm_ref\n", "nanomodel/model.py"),
     ("import torch.nn.functional as F\ntry:\n    import triton\nexcept ImportError:\n    triton = None\n"
      "def pad(x):\n    return F.pad(x, (0, 1))\n", KERNEL),
-    ("from kernels import KernelInputError\ndef f(x):\n    try:\n        return launch(x)\n    except ValueError as e:\n"
-     "        raise KernelInputError(f'gelu: {e}') from None\n", KERNEL),
+    ("from kernels import KernelInputError\ndef f(x):\n    try:\n        return launch(x)\n"
+     "    except ValueError as e:\n        raise KernelInputError(f'gelu: {e}') from None\n", KERNEL),
 ]
 
 
@@ -253,13 +259,29 @@ def test_old_source_that_did_not_parse_hides_nothing():
 
 
 def test_the_baseline_nanomodel_and_kernels_have_no_findings():
-    paths = [p.relative_to(REPO_ROOT).as_posix() for p in sorted(REPO_ROOT.glob("nanomodel/*.py"))
-             + sorted(REPO_ROOT.glob("kernels/*.py"))
-             if p.name not in ("prepare.py", "reference.py")]  # protected, so never an edit's file
-    assert "nanomodel/train.py" in paths and "kernels/__init__.py" in paths
+    every = [p.relative_to(REPO_ROOT).as_posix() for p in sorted(REPO_ROOT.glob("nanomodel/*.py"))
+             + sorted(REPO_ROOT.glob("kernels/*.py"))]
+    paths = [p for p in every if not matches(p, Paths().protected)]  # protected files are never an edit's
+    assert {"nanomodel/train.py", "nanomodel/data.py", "kernels/__init__.py"} <= set(paths)
     found = check_files(REPO_ROOT, paths)
     assert rejecting(found) == [], format_findings(found)
     assert found == [], format_findings(found)
+
+
+def test_the_catalog_speedups_pass(tmp_path):
+    """The catalog's known speedrun edits (SDPA, compile, TF32, Muon, rotary, prefetch...) are the legitimate
+    speedups the policy must let through: none is rejected, and only the prefetch thread is flagged."""
+    flagged = set()
+    for entry in ENTRIES:
+        root = tmp_path / entry.key
+        for package in ("nanomodel", "kernels"):
+            shutil.copytree(REPO_ROOT / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+        files = {p.relative_to(root).as_posix(): p.read_text() for p in root.rglob("*.py")}
+        changed = apply_edit(parse_edit(render(entry, files)), root)
+        found = check_files(root, changed, old_root=REPO_ROOT)
+        assert rejecting(found) == [], f"{entry.key}:\n{format_findings(found)}"
+        flagged |= {(entry.key, f.rule) for f in found}
+    assert len(ENTRIES) >= 10 and flagged <= {("async-prefetch", "spawn-thread")}
 
 
 def test_check_files_diffs_against_old_root_and_skips_what_it_cannot_run(tmp_path):

@@ -56,15 +56,18 @@ def tagged_processes(tag: str) -> list[int]:
 
 
 @pytest.fixture
-def without_bwrap(monkeypatch):
-    monkeypatch.setattr(sandbox, "BWRAP", f"bwrap-missing-{uuid.uuid4().hex}")
-    sandbox.available.cache_clear()
-    yield
+def use_bwrap(monkeypatch):
+    """Point the module at another bwrap executable; the cached probe result is cleared on the way in and out."""
+    def use(executable: str):
+        monkeypatch.setattr(sandbox, "BWRAP", executable)
+        sandbox.available.cache_clear()
+    yield use
     monkeypatch.undo()
     sandbox.available.cache_clear()
 
 
-def test_without_bwrap_wrap_refuses_and_ensure_decides(without_bwrap, tmp_path, capsys):
+def test_without_bwrap_wrap_refuses_and_ensure_decides(use_bwrap, tmp_path, capsys):
+    use_bwrap(f"bwrap-missing-{uuid.uuid4().hex}")
     ok, why = sandbox.available()
     assert not ok and "bwrap not installed" in why and "apt-get install bubblewrap" in why
     assert "NOT sandboxed" in sandbox.describe()
@@ -74,6 +77,15 @@ def test_without_bwrap_wrap_refuses_and_ensure_decides(without_bwrap, tmp_path, 
         sandbox.ensure(required=True)
     assert sandbox.ensure(required=False) is False
     assert "NOT sandboxed" in capsys.readouterr().err
+
+
+def test_a_bwrap_that_cannot_make_namespaces_is_reported(use_bwrap, tmp_path):
+    fake = tmp_path / "bwrap"  # what bwrap prints where user namespaces are off
+    fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to creating new namespace' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    use_bwrap(str(fake))
+    ok, why = sandbox.available()
+    assert not ok and why.startswith("user namespaces disabled (bwrap: No permissions")
 
 
 @needs_bwrap
@@ -141,7 +153,10 @@ except ImportError:
 @needs_bwrap
 def test_writes_only_to_the_run_dir_and_tmp_dies_with_the_run(spec):
     code = """
-import os, sys
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+for path in map(os.path.dirname, sys.argv[1:]):  # with CAP_SYS_ADMIN a read-only bind can be made writable
+    libc.mount(None, path.encode(), None, 32 | 4096, None)  # MS_REMOUNT | MS_BIND, without MS_RDONLY
 for path in map(os.path.expanduser, sys.argv[1:]):
     try:
         with open(path, "w") as f:

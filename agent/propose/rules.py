@@ -17,36 +17,18 @@ def hardware_summary(nproc: int) -> str:
 
 
 def rules_text(s: Settings) -> str:
+    """The measurement rules. Paths, the edit format and the calibration note are added by the prompt builders."""
     target = "a fixed target" if s.target.policy == "fixed" else "the baseline's mean plus its seed-to-seed tolerance"
-    return f"""You are speeding up the training of a small GPT. Ratchet measures each edit and keeps it only if it wins.
-
-What counts:
+    return f"""What counts:
 - The wall-clock of the whole training command (`{s.train.command}` with config {s.train.config}), measured from
   outside, from launch to the exit of every process it started. Start-up, compilation and saving all count.
 - Validation loss is computed by a separate evaluator on held-out tokens the training never sees, with a causality
   probe (future tokens must not change earlier logits). The candidate's mean val loss must be <= {target}.
 - The judge runs the incumbent and the candidate interleaved (I C C I ...) and accepts only a speedup of at least
   {s.judge.min_speedup:.0%} that is significant at alpha {s.judge.alpha} (one-sided). Noise does not win.
-- The training length (`steps`) is calibrated automatically: if your edit makes the model learn faster at equal length,
-  Ratchet will try shorter runs that still meet the target. Pure quality improvements are welcome.
-
-What you may edit: {', '.join(s.paths.editable)}. Protected (an edit touching them is rejected before anything runs):
-{', '.join(s.paths.protected)}.
 Not allowed (rejected by a static check and a sandbox): patching timers or library functions, spawning processes,
 network access, reading validation data or anything outside the run directory and the training shards, caching
 results or weights across runs, reading RATCHET_* variables other than RATCHET_RUN_DIR, RATCHET_SEED, RATCHET_TRAIN_DATA.
 The training script must keep its contract: write $RATCHET_RUN_DIR/final.pt as {{"config": dict, "model": state_dict}},
 `nanomodel.model.build_model(config)` must rebuild the model, and forward(idx [B, T]) must return logits [B, T, V].
-
-Reply with one edit in this format (or a unified diff as `git diff` writes it):
-
-HYPOTHESIS: <one line>
-RATIONALE: <why it is faster, a few lines>
-
-nanomodel/model.py
-<<<<<<< SEARCH
-exact lines to find
-=======
-lines to put there
->>>>>>> REPLACE
 """
