@@ -26,7 +26,7 @@ import torch
 import git
 import numpy as np
 
-from agent import calibrate, guard
+from agent import calibrate, guard, policy
 from agent.edits import EditError, apply_edit, edit_fingerprint, parse_edit
 from agent.evaluate import evaluate
 from agent.judge import CANDIDATE, INCUMBENT, Judge, JudgeParams, target_from_baseline
@@ -303,7 +303,7 @@ class Harness:
         inc_wt = None
         try:
             try:
-                apply_edit(edit, cand_wt)
+                changed = apply_edit(edit, cand_wt)
                 if length is not None:
                     calibrate.set_length(cand_wt, self.settings.length.file, self.settings.length.pattern, length)
             except (EditError, calibrate.LengthError) as e:
@@ -316,6 +316,11 @@ class Harness:
             duplicate = next((r["id"] for r in self.ledger.rows() if r.get("fingerprint") == row["fingerprint"]), None)
             if duplicate:
                 return self._finish(row, exp_dir, cand_wt, "rejected", f"duplicate of experiment {duplicate}")
+            findings = policy.check_files(cand_wt, changed, old_root=self.snapshot(parent))
+            row["policy"] = [asdict(f) for f in findings]
+            if policy.rejecting(findings):
+                return self._finish(row, exp_dir, cand_wt, "rejected",
+                                    "policy: " + policy.format_findings(policy.rejecting(findings)))
             inc_wt = self.ws.add_worktree("incumbent", parent)
             decision, reason, verdict = self._judge(cand_wt, inc_wt, exp_dir, row, state["incumbent"],
                                                     state["baseline"]["target"])
@@ -420,7 +425,8 @@ class Harness:
                      "baseline_seconds": mean(state.get("baseline", {}).get("seconds", []))}
         history = [{k: r.get(k) for k in ("id", "key", "hypothesis", "decision", "reason", "speedup", "val_loss")}
                    | ({"diff": r.get("diff", "")} if r.get("decision") == "accepted" else {})
-                   for r in self.ledger.rows() if r["kind"] in ("try", "run")]
+                   | ({"policy_flags": [f["message"] for f in r["policy"]]} if r.get("policy") else {})
+                   for r in self.ledger.rows() if r["kind"] in ("try", "run", "calibrate")]
         return Context(root=str(tree), editable=s.paths.editable, protected=s.paths.protected, files=files,
                        incumbent=incumbent, hardware=hardware_summary(self.nproc), history=history,
                        rules=rules_text(s), smoke=lambda text: self.smoke_check(text, head))
