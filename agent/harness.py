@@ -490,8 +490,10 @@ class Harness:
         self.events.experiment(exp_id, f"replay {original[:10]}: {row['hypothesis']}")
         cand_wt = self.ws.add_worktree("candidate", commit)
         inc_wt = self.ws.add_worktree("incumbent", parent)
+        # the parent may be any commit since the baseline: until its first run, assume the slowest known time
+        reference = max(state["baseline"], state["incumbent"], key=lambda x: sum(x["seconds"]) / len(x["seconds"]))
         try:
-            decision, reason, verdict = self._judge(cand_wt, inc_wt, exp_dir, row, state["incumbent"],
+            decision, reason, verdict = self._judge(cand_wt, inc_wt, exp_dir, row, reference,
                                                     state["baseline"]["target"])
         finally:
             self.ws.remove_worktree(cand_wt)

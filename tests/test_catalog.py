@@ -24,7 +24,8 @@ BY_KEY = {e.key: e for e in ENTRIES}
 
 
 def baseline_files() -> dict[str, str]:
-    return {p.relative_to(REPO).as_posix(): p.read_text() for pkg in PACKAGES for p in sorted((REPO / pkg).glob("*.py"))}
+    return {p.relative_to(REPO).as_posix(): p.read_text()
+            for pkg in PACKAGES for p in sorted((REPO / pkg).glob("*.py"))}
 
 
 def copy_target(dest: Path) -> Path:
@@ -129,7 +130,8 @@ def test_entry_model_trains_a_step_on_cpu_and_stays_causal(entry, trees):
         for _ in range(2):  # a step, so that zero-initialized layers are no longer trivially causal
             logits = model(idx)
             assert logits.shape[:2] == idx.shape and logits.shape[2] >= cfg.vocab_size
-            loss = torch.nn.functional.cross_entropy(logits[..., :cfg.vocab_size].flatten(0, 1), idx.roll(-1, 1).flatten())
+            targets = idx.roll(-1, 1).flatten()
+            loss = torch.nn.functional.cross_entropy(logits[..., :cfg.vocab_size].flatten(0, 1), targets)
             loss.backward()
             assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
             optimizer.step()
@@ -171,7 +173,8 @@ def test_step_cuts_scale_every_named_config_and_follow_the_incumbent(trees, tmp_
 
 
 def test_config_values_keep_their_type_and_the_comment_column():
-    text = "    steps: int = 300       # length\n    lr: float = 1e-3\nCONFIGS = {\n    \"a\": Config(steps=40, lr=3e-3),\n}\n"
+    text = ("    steps: int = 300       # length\n    lr: float = 1e-3\n"
+            "CONFIGS = {\n    \"a\": Config(steps=40, lr=3e-3),\n}\n")
     blocks = config_blocks(text, {"steps": 0.5, "lr": 2.0}, {})
     assert "    steps: int = 150       # length" in blocks
     assert "    lr: float = 0.002" in blocks and "Config(steps=20, lr=0.006)" in blocks
@@ -209,10 +212,12 @@ def test_explicit_hardware_wins_over_the_context_line():
 def test_an_entry_in_the_history_is_never_proposed_again():
     first, second, third = CPU_ORDER[:3]
     # a resumed session: a fresh proposer, the ledger's rows (by key, or by hypothesis for rows without a key)
-    history = [{"key": first, "hypothesis": BY_KEY[first].hypothesis}, {"key": None, "hypothesis": BY_KEY[second].hypothesis}]
+    history = [{"key": first, "hypothesis": BY_KEY[first].hypothesis},
+               {"key": None, "hypothesis": BY_KEY[second].hypothesis}]
     proposal = CatalogProposer().propose(context(history=history))
     assert proposal.key == third and proposal.proposer == "catalog"
-    assert proposal.hypothesis == BY_KEY[third].hypothesis and proposal.text.startswith(f"HYPOTHESIS: {proposal.hypothesis}")
+    assert proposal.hypothesis == BY_KEY[third].hypothesis
+    assert proposal.text.startswith(f"HYPOTHESIS: {proposal.hypothesis}\nRATIONALE: ")
     # the loop asks for the next edit before the current one is in the ledger: still no repeat
     proposer = CatalogProposer()
     ctx = context()

@@ -16,51 +16,39 @@ from pathlib import Path
 
 import git
 import pytest
+import torch
 
 from agent import cli
 from agent.workspace import trailers
+from nanomodel.model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
-FAKE_TRAIN = '''"""Stand-in trainer: sleeps STEPS x SLEEP seconds, prints progress, saves an untrained tiny model."""
-import os, sys, time
-SLEEP = 0.5
+FAKE_TRAIN = '''"""Stand-in trainer: sleeps STEPS x SLEEP seconds, prints progress, copies a tiny untrained model as final.pt."""
+import os, shutil, sys, time
+SLEEP = 0.1
 STEPS = 8
 LOSS = 5.0
 CRASH = False
-CONFIG = {"vocab_size": 4096, "seq_len": 64, "n_layer": 1, "n_head": 2, "n_embd": 16}
 
+if "--steps" in sys.argv:  # the smoke run's override
+    STEPS = int(sys.argv[sys.argv.index("--steps") + 1])
 t0 = time.perf_counter()
 for step in range(1, STEPS + 1):
     time.sleep(SLEEP)
     if CRASH and step == 3:
         1 / 0
     print(f"step {step}/{STEPS} loss {LOSS - step * 0.01:.4f} elapsed {time.perf_counter() - t0:.2f}s", flush=True)
-import torch
-from nanomodel.model import build_model
-torch.manual_seed(0)  # same weights every run: the val loss is no source of noise here
-torch.save({"config": CONFIG, "model": build_model(CONFIG).state_dict()}, os.path.join(os.environ["RATCHET_RUN_DIR"], "final.pt"))
+# the same weights every run (no torch import: runs stay short, and the val loss is no source of noise)
+shutil.copy(os.path.join(os.path.dirname(__file__), "fake_weights.pt"), os.path.join(os.environ["RATCHET_RUN_DIR"], "final.pt"))
 '''
-
-
-def edit(old: str, new: str, hypothesis: str, path: str = "nanomodel/fake_train.py") -> str:
-    return f"HYPOTHESIS: {hypothesis}\nRATIONALE: test edit\n\n{path}\n<<<<<<< SEARCH\n{old}\n=======\n{new}\n>>>>>>> REPLACE\n"
-
-
-@pytest.fixture
-def repo(tmp_path, dataset, monkeypatch):
-    root = tmp_path / "target"
-    root.mkdir()
-    for package in ("nanomodel", "kernels"):
-        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
-    (root / "nanomodel" / "fake_train.py").write_text(FAKE_TRAIN)
-    (root / ".gitignore").write_text("runs/\n")
-    (root / "ratchet.toml").write_text(f"""
+FAKE_CONFIG = {"vocab_size": 4096, "seq_len": 64, "n_layer": 1, "n_head": 2, "n_embd": 16}
+SETTINGS = """
 [train]
 command = "python -m nanomodel.fake_train"
 nproc = 1
 data = "{dataset}"
-smoke_args = ""
+smoke_args = "--steps 2"
 first_timeout = 60.0
 timeout_factor = 4.0
 [paths]
@@ -77,20 +65,43 @@ max_pairs = 6
 [abort]
 pace_slack = 0.3
 min_fraction = 0.25
-""")
+"""
+
+
+def edit(old: str, new: str, hypothesis: str, path: str = "nanomodel/fake_train.py") -> str:
+    return f"HYPOTHESIS: {hypothesis}\nRATIONALE: test edit\n\n{path}\n<<<<<<< SEARCH\n{old}\n=======\n{new}\n>>>>>>> REPLACE\n"
+
+
+def make_repo(root: Path, dataset: Path) -> Path:
+    """A git repo holding the real nanomodel + kernels, the stand-in trainer and its ratchet.toml."""
+    root.mkdir()
+    for package in ("nanomodel", "kernels"):
+        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "nanomodel" / "fake_train.py").write_text(FAKE_TRAIN)
+    torch.manual_seed(0)
+    torch.save({"config": FAKE_CONFIG, "model": build_model(FAKE_CONFIG).state_dict()}, root / "nanomodel" / "fake_weights.pt")
+    (root / ".gitignore").write_text("runs/\n")
+    (root / "ratchet.toml").write_text(SETTINGS.format(dataset=dataset))
     r = git.Repo.init(root)
     r.git.config("user.name", "Test")
     r.git.config("user.email", "test@example.com")
     r.git.add("-A")
     r.git.commit("-m", "target repo")
+    return root
+
+
+@pytest.fixture
+def repo(tmp_path, dataset, monkeypatch):
+    root = make_repo(tmp_path / "target", dataset)
     monkeypatch.chdir(root)
     return root
 
 
 def ratchet(capsys, *args) -> dict:
     code = cli.main([*args, "--json"])
-    out = capsys.readouterr().out.strip().splitlines()
-    assert code == 0, out
+    captured = capsys.readouterr()
+    out = captured.out.strip().splitlines()
+    assert code == 0, captured.err[-2000:]
     return json.loads(out[-1])
 
 
@@ -126,17 +137,17 @@ def test_verdicts_commits_and_replay(repo, capsys, tmp_path):
 
     # (b) a sleep in every step: aborted early as slower, before a full candidate run
     slow = tmp_path / "slow.txt"
-    slow.write_text(edit("SLEEP = 0.5", "SLEEP = 4.0", "sleep more"))
+    slow.write_text(edit("SLEEP = 0.1", "SLEEP = 0.5", "sleep more"))
     out = ratchet(capsys, "try", str(slow))
     assert out["decision"] == "rejected" and out["reason"].startswith("slower")
     row = ledger(repo)[-1]
     cand = [r for r in row["runs"] if r["arm"] == "candidate"]
     assert len(cand) == 1 and cand[0]["status"] == "aborted"
-    assert cand[0]["seconds"] < 16  # stopped well before its 32 s of sleeping
+    assert cand[0]["seconds"] < 2.5  # stopped well before its 4 s of sleeping
 
     # (f) a genuine speedup: accepted, one commit with the contract's trailers
     fast = tmp_path / "fast.txt"
-    fast.write_text(edit("SLEEP = 0.5", "SLEEP = 0.02", "sleep less"))
+    fast.write_text(edit("SLEEP = 0.1", "SLEEP = 0.01", "sleep less"))
     out = out_accepted = ratchet(capsys, "try", str(fast))
     assert out["decision"] == "accepted", out
     assert out["speedup"] > 0.2 and out["p_value"] <= 0.01
@@ -149,7 +160,7 @@ def test_verdicts_commits_and_replay(repo, capsys, tmp_path):
     assert t["Ratchet-Experiment"] == f"default/{out['id']}"
     assert t["Ratchet-Wall-Clock"].startswith(f"{out['candidate_s']:.2f}s vs {out['incumbent_s']:.2f}s (-")
     assert "p=" in t["Ratchet-Wall-Clock"] and "Ratchet-Val-Loss" in t and t["Ratchet-Proposer"] == "manual"
-    assert "SLEEP = 0.02" in r.git.show(head1)
+    assert "SLEEP = 0.01" in r.git.show(head1)
 
     # every rejected edit with a diff stays reviewable under refs/ratchet/<tag>/rejected/<id>
     rows = ledger(repo)
@@ -166,7 +177,7 @@ def test_verdicts_commits_and_replay(repo, capsys, tmp_path):
     out = ratchet(capsys, "replay", head1)
     assert out["decision"] == "reproduced", out
     rec = out["commits"][0]
-    assert rec["recorded_speedup"] == pytest.approx(1 - out_accepted["candidate_s"] / out_accepted["incumbent_s"], abs=1e-3)
+    assert rec["recorded_speedup"] == pytest.approx(1 - out_accepted["candidate_s"] / out_accepted["incumbent_s"], abs=0.01)  # trailer times have 2 decimals
     assert rec["speedup"] > 0.2
 
 
@@ -200,7 +211,7 @@ def _wait_for(predicate, timeout: float):
 def test_kill_9_mid_experiment_then_resume(repo, capsys, tmp_path):
     ratchet(capsys, "baseline")
     fast = tmp_path / "fast.txt"
-    fast.write_text(edit("SLEEP = 0.5", "SLEEP = 0.03", "sleep less"))
+    fast.write_text(edit("SLEEP = 0.1", "SLEEP = 0.01", "sleep less"))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "try", str(fast), "--json"], cwd=repo, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -227,7 +238,7 @@ def test_decision_saved_before_publish_is_finished_on_recover(repo, capsys, tmp_
     from agent.harness import Harness
     ratchet(capsys, "baseline")
     fast = tmp_path / "fast.txt"
-    fast.write_text(edit("SLEEP = 0.5", "SLEEP = 0.02", "sleep less"))
+    fast.write_text(edit("SLEEP = 0.1", "SLEEP = 0.01", "sleep less"))
 
     def crash(self, row):
         raise KeyboardInterrupt  # stands in for a kill right after result.json was written

@@ -18,7 +18,8 @@ from agent.propose.catalog_entries import CPU_ORDER, ENTRIES, GPU_ORDER, Entry
 
 CONFIG_PATH = "nanomodel/config.py"
 # a field's default in the Config dataclass, e.g. `    steps: int = 300                 # total optimizer steps`
-DEFAULT_LINE = re.compile(r"^(?P<head>    (?P<name>\w+): (?:int|float) = )(?P<value>[-+.\w]+)(?P<pad> *)(?P<comment>#.*)?$")
+DEFAULT_LINE = re.compile(
+    r"^(?P<head>    (?P<name>\w+): (?:int|float) = )(?P<value>[-+.\w]+)(?P<pad> *)(?P<comment>#.*)?$")
 # a numeric override in a named config, e.g. `steps=40` in `"cpu-test": Config(..., steps=40, lr=3e-3)`
 OVERRIDE = re.compile(r"(?<![\w.])(?P<name>\w+)=(?P<value>[-+.\d][-+.\w]*)")
 
@@ -63,16 +64,18 @@ def config_blocks(config_text: str, scale: dict, assign: dict) -> str:
             return str(max(1, round(int(old) * scale[name])))
         return _literal(float(old) * scale[name])
 
-    fields = set(scale) | set(assign)
-    found, blocks, in_named = set(), [], False
+    fields, found = set(scale) | set(assign), set()
+
+    def override(m: re.Match) -> str:
+        if m["name"] not in fields:
+            return m[0]
+        found.add(m["name"])
+        return f"{m['name']}={new_value(m['name'], m['value'])}"
+
+    blocks, in_named = [], False  # in_named: inside the CONFIGS dict of named configs
     for line in config_text.split("\n"):
         in_named = line.startswith("CONFIGS") or (in_named and line != "}")
         if in_named:
-            def override(m):
-                if m["name"] not in fields:
-                    return m[0]
-                found.add(m["name"])
-                return f"{m['name']}={new_value(m['name'], m['value'])}"
             new = OVERRIDE.sub(override, line)
         elif (m := DEFAULT_LINE.match(line)) and m["name"] in fields:
             found.add(m["name"])
@@ -113,18 +116,18 @@ def apply_problem(text: str, files: dict[str, str]) -> str | None:
 class CatalogProposer:
     name = "catalog"
 
-    def __init__(self, hardware: str | None = None, entries: list[Entry] = ENTRIES):
+    def __init__(self, hardware: str | None = None):
         """hardware: 'cpu' or 'gpu'; None detects it from each context's hardware line."""
         if hardware is not None:
             order_for(hardware)  # validates
         self.hardware = hardware
-        self.entries = {entry.key: entry for entry in entries}
+        self.entries = {entry.key: entry for entry in ENTRIES}
         self.skipped: list[tuple[str, str]] = []  # (key, reason), one per entry passed over
         self._handed_out: set[str] = set()
 
     def propose(self, context: Context) -> Proposal | None:
         hardware = self.hardware or detect_hardware(context.hardware)
-        order = [key for key in order_for(hardware) if key in self.entries]
+        order = order_for(hardware)
         for entry in self.entries.values():
             if entry.key not in order:
                 self._skip(entry.key, f"targets {entry.hardware}, the hardware is {hardware}")
