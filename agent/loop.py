@@ -8,7 +8,6 @@ Stopping: `ratchet stop`, a STOP file in runs/<tag>/, SIGTERM or a first Ctrl-C 
 and stop cleanly (the unfinished experiment re-runs on resume); a second Ctrl-C kills the run at once.
 """
 import signal
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
