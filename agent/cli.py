@@ -16,19 +16,21 @@ from agent.edits import EditError
 from agent.guard import IntegrityError
 from agent.harness import Harness, HarnessError, resolve_launcher
 from agent.runner import RunnerError
+from agent.sandbox import SandboxError
 from agent.ledger import Ledger
 from agent.settings import SettingsError
 from agent.view import ConsoleEvents, fmt
 from agent.workspace import Workspace, WorkspaceError, has_identity, repo_root
 
-ERRORS = (SettingsError, HarnessError, WorkspaceError, EditError, IntegrityError, RunnerError, FileNotFoundError)
+ERRORS = (SettingsError, HarnessError, WorkspaceError, EditError, IntegrityError, RunnerError, SandboxError,
+          FileNotFoundError)
 err = Console(stderr=True)
 
 
 def _harness(args) -> Harness:
     """The harness of a command that changes the tag's branch or records: one such process per tag."""
     root = repo_root(Path.cwd())
-    h = Harness(root, settings_mod.load(root), args.tag, ConsoleEvents(err))
+    h = Harness(root, settings_mod.load(root), args.tag, ConsoleEvents(err), require_sandbox=args.require_sandbox)
     h.lock()
     return h
 
@@ -189,8 +191,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from agent import bench_judge
-    return bench_judge.main(args.rest) or 0
+    import importlib
+    return importlib.import_module(f"agent.bench_{args.what}").main(args.rest) or 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         if name != "init" and name != "bench":
             p.add_argument("--tag", default="default", help="research session: branch ratchet/<tag>, folder runs/<tag>")
+        if name in ("baseline", "try", "replay", "run"):
+            p.add_argument("--require-sandbox", action="store_true",
+                           help="fail instead of running unsandboxed when bubblewrap is unavailable")
         return p
 
     p = command("init", cmd_init, "write ratchet.toml, prepare data, check the environment")
@@ -234,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("report", cmd_report, "write runs/<tag>/report.html and progress.png")
     command("log", cmd_log, "the experiments as a table")
     command("status", cmd_status, "where the session stands")
-    p = command("bench", cmd_bench, "benchmarks: `ratchet bench judge` simulates the judge")
-    p.add_argument("what", choices=["judge"])
+    p = command("bench", cmd_bench, "benchmarks: judge (simulation), model (training speed here), loop (overhead)")
+    p.add_argument("what", choices=["judge", "model", "loop"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 

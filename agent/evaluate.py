@@ -410,7 +410,7 @@ def summary(result: dict) -> str:
 
 def evaluate(code_dir, weights, data_dir, tokens: int, window: int, batch: int = 8, device: str = "auto",
              probe_only: bool = False, timeout: float = 600, env: dict | None = None,
-             python: str = sys.executable) -> dict:
+             python: str = sys.executable, wrap=None) -> dict:
     """Run the evaluator on `weights` with the model code of `code_dir` in a child process; return its result.
 
     The child imports `agent` from TRUSTED_ROOT (PYTHONPATH), never from the worktree, which it puts on sys.path only
@@ -424,6 +424,8 @@ def evaluate(code_dir, weights, data_dir, tokens: int, window: int, batch: int =
                "--result-fd", str(write_fd)] + (["--probe-only"] if probe_only else [])
     child_env = dict(os.environ if env is None else env, PYTHONPATH=str(TRUSTED_ROOT), PYTHONSAFEPATH="1")
     with tempfile.TemporaryDirectory(prefix="ratchet-eval-") as cwd, tempfile.TemporaryFile() as log:
+        if wrap is not None:  # the sandbox: `wrap(command, writable_dir)` -> the command to launch
+            command = wrap(command, Path(cwd))
         try:
             process = subprocess.Popen(command, cwd=cwd, env=child_env, pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -26,7 +26,8 @@ import torch
 import git
 import numpy as np
 
-from agent import calibrate, guard, policy
+import agent as agent_pkg
+from agent import calibrate, guard, policy, sandbox
 from agent.edits import EditError, apply_edit, edit_fingerprint, parse_edit
 from agent.evaluate import evaluate
 from agent.judge import CANDIDATE, INCUMBENT, Judge, JudgeParams, target_from_baseline
@@ -80,13 +81,17 @@ def nproc_for(settings: Settings) -> int:
 
 
 class Harness:
-    def __init__(self, root: Path, settings: Settings, tag: str, events: Events | None = None):
+    def __init__(self, root: Path, settings: Settings, tag: str, events: Events | None = None,
+                 require_sandbox: bool = False):
         self.root = Path(root)
         self.settings = settings
         self.ws = Workspace(self.root, tag)
         self.ledger = Ledger(self.root / "runs" / tag)
         self.events = events or Events()
         self.nproc = nproc_for(settings)
+        # bubblewrap when it works here; otherwise a loud warning (or an error with --require-sandbox)
+        self.sandboxed = sandbox.ensure(require_sandbox)
+        self.sandbox_note = sandbox.describe() if self.sandboxed else f"off: {sandbox.available()[1]}"
         # one run on the devices at a time: a proposer's smoke check (background thread) waits for the timed run
         self.device_lock = threading.Lock()
         self.should_stop = lambda: False
@@ -154,6 +159,21 @@ class Harness:
             extra["GLOO_SOCKET_IFNAME"] = "lo"
         return scrubbed_env(os.environ, extra)
 
+    def _sandbox(self, cmd: list[str], worktree: Path, run_dir: Path, train: bool) -> list[str]:
+        if not self.sandboxed:
+            return cmd
+        return sandbox.wrap(cmd, sandbox.SandboxSpec(
+            worktree=worktree, run_dir=run_dir, train_data=self._train_data_view() if train else None,
+            gpus=torch.cuda.is_available()))
+
+    def _eval_wrap(self, worktree: Path, weights_dir: Path):
+        """The evaluator's sandbox: it alone sees the validation data; the trusted `agent` package and the weights
+        are read-only; it may write only its own scratch dir."""
+        trusted = Path(agent_pkg.__file__).resolve().parent
+        return lambda cmd, scratch: sandbox.wrap(cmd, sandbox.SandboxSpec(
+            worktree=worktree, run_dir=scratch, extra_ro=[self.settings.data_dir.resolve(), trusted, weights_dir],
+            gpus=torch.cuda.is_available()))
+
     def measure(self, arm: str, worktree: Path, run_dir: Path, seed: int, *, timeout: float,
                 policy: AbortPolicy | None = None, smoke: bool = False) -> Measurement:
         s = self.settings
@@ -163,7 +183,8 @@ class Harness:
         run_dir.mkdir(parents=True, exist_ok=True)
         with self.device_lock:
             result: RunResult = run_training(
-                self._command(smoke), cwd=worktree, env=self._env(worktree, run_dir, seed),
+                self._sandbox(self._command(smoke), worktree, run_dir, train=True), cwd=worktree,
+                env=self._env(worktree, run_dir, seed),
                 log_path=run_dir / "train.log", timeout=timeout, monitor=policy,
                 on_progress=lambda p: self.events.progress(arm, p))
         m = Measurement(arm=arm, seed=seed, status=result.status, seconds=result.seconds, reason=result.reason,
@@ -177,7 +198,8 @@ class Harness:
             else:
                 with self.device_lock:
                     ev = evaluate(worktree, weights, s.data_dir, s.eval.tokens, s.eval.window, batch=s.eval.batch,
-                                  probe_only=smoke, timeout=s.eval.timeout)
+                                  probe_only=smoke, timeout=s.eval.timeout,
+                                  wrap=self._eval_wrap(worktree, weights.parent) if self.sandboxed else None)
                 if not ev["ok"]:
                     m.status = "probe" if ev.get("causal") is False else "eval"
                     m.reason = "causality probe failed" if m.status == "probe" else f"evaluation failed: {ev['error']}"
@@ -225,7 +247,7 @@ class Harness:
             "id": exp_id, "kind": "baseline", "parent": head, "proposer": "", "hypothesis": "baseline",
             "decision": "baseline", "reason": f"target {target:.4f}", "runs": [asdict(m) for m in runs],
             "incumbent_s": sum(seconds) / len(seconds), "val_loss": sum(losses) / len(losses), "target": target,
-            "time": time.time()})
+            "time": time.time(), "sandbox": self.sandbox_note})
         self.ledger.save_state(state)
         return baseline
 
@@ -285,7 +307,7 @@ class Harness:
         state["inflight"] = {"id": exp_id, "parent": parent}
         self.ledger.save_state(state)
         row = {"id": exp_id, "kind": kind, "parent": parent, "proposer": proposer, "hypothesis": "", "rationale": "",
-               "diff": "", "runs": [], "time": time.time(), **(extra or {})}
+               "diff": "", "runs": [], "time": time.time(), "sandbox": self.sandbox_note, **(extra or {})}
         self.should_stop = should_stop
         try:
             edit = parse_edit(text)
@@ -443,8 +465,10 @@ class Harness:
             if violation:
                 return SmokeResult(False, violation)
             apply_edit(edit, scratch)
+            (scratch / "run").mkdir()
             with self.device_lock:
-                result = run_training(self._command(smoke=True), cwd=scratch, env=self._env(scratch, scratch / "run", 0),
+                result = run_training(self._sandbox(self._command(smoke=True), scratch, scratch / "run", train=True),
+                                      cwd=scratch, env=self._env(scratch, scratch / "run", 0),
                                       log_path=scratch / "smoke.log", timeout=self.settings.train.first_timeout)
             tail = "\n".join(Path(result.log_path).read_text(errors="replace").splitlines()[-30:])
             return SmokeResult(result.status == "ok", tail if result.status != "ok" else "smoke run passed")
