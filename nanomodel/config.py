@@ -40,7 +40,7 @@ class Config:
 
 CONFIGS: dict[str, Config] = {
     # a few seconds on 2 CPU cores: for tests of the pipeline, not for learning
-    "cpu-test": Config(seq_len=64, n_layer=2, n_head=2, n_embd=64, batch_size=8, micro_batch_size=8,
+    "cpu-test": Config(seq_len=64, n_layer=2, n_head=2, n_embd=64, batch_size=16, micro_batch_size=16,
                        steps=40, lr=3e-3, log_every=5, peak_flops=1.1e11),
     # the CPU default: ~1.5 minutes on 2 cores, learns Python source clearly (loss 8.3 -> under 4)
     "cpu-tiny": Config(peak_flops=1.1e11),
