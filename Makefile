@@ -12,10 +12,14 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# the main job on the embedded CPU default: prepare the offline stdlib data, train cpu-tiny
+EXPERIMENTS ?= 3
+
+# the main job on the embedded CPU default: ratchet.toml + offline stdlib data + environment check, then the
+# research loop (catalog proposer without an API key) for a bounded demo; `git log ratchet/$(TAG)` afterwards
 run: $(VENV)/.installed
-	$(PY) -m nanomodel.prepare --dataset stdlib
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=1 -m nanomodel.train --config cpu-tiny
+	$(VENV)/bin/ratchet init
+	$(VENV)/bin/ratchet run --tag $(TAG) --max-experiments $(EXPERIMENTS)
+	$(VENV)/bin/ratchet log --tag $(TAG)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

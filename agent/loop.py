@@ -1,20 +1,27 @@
 """`ratchet run`: propose -> harness -> judge -> git, all night, within budgets, resumable.
 
-The GPUs never wait on the LLM when the LLM is faster than a run: while experiment k trains, a background
-thread asks the proposer for experiment k+1. The proposal waiting to run is saved in state.json, so a resume
-runs the same edit (and an LLM is not paid twice for it).
+The GPUs never wait on the LLM when the LLM is faster than an experiment: while experiment k trains, a background
+thread asks the proposer for experiment k+1. Every proposal that arrived and has not run yet is saved in state.json
+(the queue), so a resume runs the same edits (and an LLM is not paid twice for one). A budget stop waits for the
+proposal being made and queues it; a user's stop does not wait, and keeps it only if it has already arrived.
 
 Stopping: `ratchet stop`, a STOP file in runs/<tag>/, SIGTERM or a first Ctrl-C finish the current training run
-and stop cleanly (the unfinished experiment re-runs on resume); a second Ctrl-C kills the run at once.
+and stop cleanly (the unfinished experiment re-runs on resume); a second Ctrl-C kills the run at once. No run
+outlives the loop: a proposer's smoke run in flight is killed, and a proposal still being made (a daemon thread)
+can start no other.
 """
 import signal
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from agent.harness import Harness, Stopped
 from agent.propose.base import Proposal, Proposer, Usage
+from agent.runner import kill_leftovers
+
+USER_STOP = "stop requested"
 
 
 @dataclass
@@ -68,18 +75,19 @@ class StopSignals:
 
 
 class Loop:
-    def __init__(self, harness: Harness, proposer: Proposer, budgets: Budgets, console=None):
+    def __init__(self, harness: Harness, proposer: Proposer, budgets: Budgets, console=None, prefetch: bool = True):
         self.h = harness
         self.proposer = proposer
         self.budgets = budgets
         self.say = console.print if console is not None else print
         self.stop_file = harness.ledger.dir / "STOP"
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="propose")
+        self.prefetch = prefetch  # False: ask for the next proposal only once the experiment is done (bench_loop)
+        self.waited_s = 0.0       # seconds the loop waited for a proposal with the devices idle (bench_loop)
 
     # --- loop state, persisted in state.json under "loop"
     def _loop_state(self) -> dict:
         state = self.h.state
-        return state.get("loop") or {"experiments": 0, "active_s": 0.0, "spent_usd": 0.0, "pending": None,
+        return state.get("loop") or {"experiments": 0, "active_s": 0.0, "spent_usd": 0.0, "queue": [],
                                      "proposer": self.proposer.name}
 
     def _save_loop(self, loop: dict) -> None:
@@ -87,12 +95,40 @@ class Loop:
         state["loop"] = loop
         self.h.ledger.save_state(state)
 
-    def _propose(self) -> tuple[Proposal | None, str, float]:
-        """Runs in the background thread: (proposal, the head it was made against, seconds it took)."""
-        t0 = time.perf_counter()
+    def _propose(self) -> tuple[Proposal | None, str]:
+        """(proposal, the head it was made against)."""
         head = self.h.ws.head()
-        proposal = self.proposer.propose(self.h.context(head))
-        return proposal, head, time.perf_counter() - t0
+        return self.proposer.propose(self.h.context(head)), head
+
+    def _ask(self) -> Future:
+        """Ask the proposer in a daemon thread: a proposal still in flight never holds up the exit."""
+        future = Future()
+
+        def work():
+            try:
+                future.set_result(self._propose())
+            except BaseException as e:  # as concurrent.futures does: the waiting thread re-raises it
+                future.set_exception(e)
+        threading.Thread(target=work, name="propose", daemon=True).start()
+        return future
+
+    def _enqueue(self, loop: dict, proposal: Proposal, made_on: str) -> None:
+        """A proposal has arrived: it is paid for, and saved until it has run."""
+        loop["spent_usd"] += proposal.usage.cost_usd
+        loop["queue"].append({"proposal": proposal_to_dict(proposal), "head": made_on})
+        self._save_loop(loop)
+
+    def _close(self, loop: dict, ahead: Future | None, reason: str | None) -> None:
+        """At exit: queue the proposal made ahead (waiting for it after a budget stop, taking it only if it has
+        arrived after a user's stop or an interrupt), then make sure no run outlives the loop."""
+        budget_stop = reason is not None and not reason.startswith(USER_STOP)
+        if ahead is not None and (ahead.done() or budget_stop) and ahead.exception() is None:
+            proposal, made_on = ahead.result()
+            if proposal is not None:
+                self._enqueue(loop, proposal, made_on)
+        scratch = f"{self.h.ledger.dir / 'scratch'}/"  # where proposers' smoke runs live (Harness.smoke_check)
+        while not self.h.device_lock.acquire(timeout=1.0):  # held until exit: no smoke run starts after this
+            kill_leftovers(scratch)
 
     def run(self) -> str:
         h = self.h
@@ -103,45 +139,52 @@ class Loop:
             h.baseline()
         loop = self._loop_state()
         stop = StopSignals(self.stop_file)
+        ahead: Future | None = None  # the next proposal, being made while an experiment runs
+        reason = None
         with stop:
-            pending: Future | None = None
-            while True:
-                reason = self.budgets.exhausted(loop)
-                if reason is None and stop():
-                    reason = "stop requested"
-                if reason:
-                    break
-                started = time.perf_counter()
-                if loop["pending"] is not None:
-                    proposal, made_on = proposal_from_dict(loop["pending"]["proposal"]), loop["pending"]["head"]
-                else:
-                    future = pending or self.pool.submit(self._propose)
-                    pending = None
-                    proposal, made_on, llm_s = future.result()
-                    if proposal is None:
-                        reason = "the proposer has nothing left"
+            try:
+                while True:
+                    reason = self.budgets.exhausted(loop)
+                    if reason is None and stop():
+                        reason = USER_STOP
+                    if reason:
                         break
-                    loop["spent_usd"] += proposal.usage.cost_usd
-                    loop["pending"] = {"proposal": proposal_to_dict(proposal), "head": made_on}
+                    started = time.perf_counter()
+                    if not loop["queue"]:
+                        future, ahead = ahead or self._ask(), None
+                        waiting = time.perf_counter()
+                        proposal, made_on = future.result()
+                        self.waited_s += time.perf_counter() - waiting
+                        if proposal is None:
+                            reason = "the proposer has nothing left"
+                            break
+                        self._enqueue(loop, proposal, made_on)
+                        if stop():  # asked while we waited: the proposal is saved and runs on resume
+                            reason = USER_STOP
+                            break
+                    proposal, made_on = proposal_from_dict(loop["queue"][0]["proposal"]), loop["queue"][0]["head"]
+                    if made_on != h.ws.head() and proposal.key:
+                        # a catalog entry prepared before the last accept: propose again against the new head (free)
+                        loop["queue"].pop(0)
+                        self._save_loop(loop)
+                        continue
+                    # the next proposal is prepared while this one trains
+                    if self.prefetch and len(loop["queue"]) == 1 and self.budgets.exhausted(
+                            {**loop, "experiments": loop["experiments"] + 1}) is None:
+                        ahead = self._ask()
+                    try:
+                        rows = h.run_proposal(proposal, made_on, should_stop=stop)
+                    except Stopped:
+                        loop["active_s"] += time.perf_counter() - started
+                        self._save_loop(loop)
+                        reason = f"{USER_STOP} (the interrupted experiment re-runs on resume)"
+                        break
+                    loop = self._loop_state()
+                    loop["experiments"] += len(rows)
+                    loop["queue"].pop(0)
+                    loop["active_s"] += time.perf_counter() - started
                     self._save_loop(loop)
-                if made_on != h.ws.head() and proposal.key:
-                    # a catalog entry prepared before the last accept: propose again against the new head (free)
-                    loop["pending"] = None
-                    self._save_loop(loop)
-                    continue
-                # the next proposal is prepared while this one trains
-                pending = self.pool.submit(self._propose) if self.budgets.exhausted(
-                    {**loop, "experiments": loop["experiments"] + 1}) is None else None
-                try:
-                    rows = h.run_proposal(proposal, made_on, should_stop=stop)
-                except Stopped:
-                    reason = "stop requested (the interrupted experiment re-runs on resume)"
-                    break
-                loop = self._loop_state()
-                loop["experiments"] += len(rows)
-                loop["pending"] = None
-                loop["active_s"] += time.perf_counter() - started
-                self._save_loop(loop)
-        self.pool.shutdown(wait=False, cancel_futures=True)
+            finally:
+                self._close(loop, ahead, reason)
         self.say(f"loop stopped: {reason}")
         return reason

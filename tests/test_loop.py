@@ -146,3 +146,242 @@ def test_openai_tool_mode_end_to_end(repo, capsys, monkeypatch):
     assert files_holding(repo, SECRET) == []
     assert SECRET not in r.git.log("--all", "-p")
     assert not any((repo / "runs" / "default" / "worktrees").iterdir())
+
+
+def test_anthropic_plain_text_mode_and_a_proposer_failure(repo, capsys, monkeypatch):
+    """--no-tools: each reply is the edit. A NaN loss (rejected by the smoke run, before any timed run), then two
+    replies whose SEARCH text is not in the file: the corrective follow-up fails too, and the loop records the
+    proposer's failure without running anything."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", SECRET)
+    absent = ("SLEEP = 0.5", "SLEEP = 0.05", "sleep less than a value the file does not have")
+    with FakeLLM([plain(*NAN), plain(*absent), plain(*absent)]) as server:
+        out = ratchet(capsys, "run", "--proposer", "anthropic", "--base-url", server.url, "--no-tools",
+                      "--max-experiments", "2")
+    assert out["reason"] == "max experiments reached (2)"
+    assert not server.overrun and server.remaining == 0
+    for request in server.requests:
+        assert request.path == "/v1/messages" and "tools" not in request.body
+        assert SECRET in request.headers.get("x-api-key", "") + request.headers.get("authorization", "")
+    assert "could not be used as an edit" in json.dumps(server.requests[2].body["messages"][-1])
+
+    nan, failed = experiments(repo)
+    assert nan["proposer"] == failed["proposer"] == "anthropic:claude-sonnet-4-5"
+    assert (nan["decision"], nan["reason"]) == ("rejected", "loss is nan at step 1") and nan["runs"] == []
+    assert nan["hypothesis"] == NAN[2]
+    assert failed["decision"] == "failed" and failed["reason"].startswith("proposer failed: no valid edit")
+    assert "SEARCH text not found" in failed["reason"] and failed["usage"]["calls"] == 2
+    assert git.Repo(repo).git.rev_parse("ratchet/default") == nan["parent"] == failed["parent"]
+    assert files_holding(repo, SECRET) == [] and SECRET not in git.Repo(repo).git.log("--all", "-p")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# budgets (in process)
+
+INF = ("LOSS = 5.0", 'LOSS = float("inf")', "a loss that is infinite")
+CRASH = ("SLEEP = 0.1", "SLEEP = -1.0", "a negative sleep, which raises")
+MILLION_INPUT_TOKENS = (1_000_000, 0, 0, 0)  # $0.25 at gpt-5-mini's list price
+
+
+def run_openai(capsys, server, *args) -> dict:
+    return ratchet(capsys, "run", "--proposer", "openai", "--base-url", server.url + "/v1", *args)
+
+
+def test_max_experiments_stops_after_n(repo, capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    with FakeLLM([submit(*NAN), submit(*INF), submit(*CRASH)]) as server:
+        out = run_openai(capsys, server, "--max-experiments", "2")
+    assert out["reason"] == "max experiments reached (2)"
+    assert [r["hypothesis"] for r in experiments(repo)] == [NAN[2], INF[2]]
+    assert len(server.requests) == 2  # nothing was asked ahead for an experiment that the budget rules out
+
+
+def test_budget_usd_stops_when_the_spend_reaches_it(repo, capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    script = [submit(*edit, usage=MILLION_INPUT_TOKENS) for edit in (NAN, INF, CRASH)]
+    with FakeLLM(script) as server:
+        out = run_openai(capsys, server, "--budget-usd", "0.5")
+    assert out["reason"] == "spend budget reached ($0.50)"
+    rows = experiments(repo)
+    assert [r["hypothesis"] for r in rows] == [NAN[2], INF[2]] and len(server.requests) == 2
+    assert [r["usage"]["cost_usd"] for r in rows] == [pytest.approx(0.25)] * 2
+    loop = json.loads((repo / "runs" / "default" / "state.json").read_text())["loop"]
+    assert loop["spent_usd"] == pytest.approx(0.5) and loop["queue"] == []
+
+
+def test_hours_budget_stops_and_keeps_the_proposal_made_ahead(repo, capsys, monkeypatch):
+    """The time budget ends the loop after its first experiment. The proposal asked for while it ran is paid
+    for: it is saved, and the next `ratchet run` runs it without asking the LLM again."""
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    with FakeLLM([submit(*NAN), submit(*INF)]) as server:
+        out = run_openai(capsys, server, "--hours", "0.0001")
+        assert out["reason"].startswith("time budget reached")
+        assert [r["hypothesis"] for r in experiments(repo)] == [NAN[2]]
+        loop = json.loads((repo / "runs" / "default" / "state.json").read_text())["loop"]
+        assert [q["proposal"]["hypothesis"] for q in loop["queue"]] == [INF[2]]
+        assert loop["active_s"] >= 0.36
+
+        out = run_openai(capsys, server, "--max-experiments", "2")
+        assert out["reason"] == "max experiments reached (2)"
+    assert [r["hypothesis"] for r in experiments(repo)] == [NAN[2], INF[2]]
+    assert len(server.requests) == 2 and not server.overrun
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# duplicates, the offline catalog
+
+def test_near_duplicate_proposal_is_not_run(repo, capsys, monkeypatch):
+    """The same change again, with trailing spaces and a blank line (so other hunk line numbers): same
+    normalized diff, rejected as a duplicate before any run of the loop's."""
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    again = (NAN[0], NAN[1] + "   \n", "the same NaN edit, worded differently")
+    with FakeLLM([submit(*NAN), submit(*again)]) as server:
+        run_openai(capsys, server, "--max-experiments", "2")
+    first, second = experiments(repo)
+    assert first["diff"] != second["diff"]
+    assert second["decision"] == "rejected" and second["reason"] == f"duplicate of experiment {first['id']}"
+    assert second["runs"] == [] and "smoke" not in second
+    assert not [p for p in (repo / "runs" / "default" / f"exp-{second['id']}").iterdir() if p.is_dir()]
+
+
+def test_catalog_is_the_offline_default_and_says_so(tmp_path, dataset, capsys, monkeypatch):
+    """No API key in the environment: `ratchet run` picks the catalog and says why; on a tag without a baseline
+    it measures one first."""
+    for name in ("ANTHROPIC_API_KEY", "OPENAI_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    root = make_repo(tmp_path / "target", dataset)
+    monkeypatch.chdir(root)
+    code = cli.main(["run", "--max-experiments", "0", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-2000:]
+    err = " ".join(captured.err.split())  # the console wraps long lines
+    assert "proposer: catalog (offline, built-in speedrun ideas; no ANTHROPIC_API_KEY or OPENAI_API_KEY set)" in err
+    assert "no baseline for this tag yet: measuring it first" in err
+    assert json.loads(captured.out.splitlines()[-1])["reason"] == "max experiments reached (0)"
+    assert [r["kind"] for r in ledger(root)] == ["baseline"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kill -9, stop, SIGTERM, Ctrl-C: `ratchet run` as a subprocess, the fake server in this process
+
+def start(root: Path, server: FakeLLM, *args: str) -> subprocess.Popen:
+    """`ratchet run --proposer openai` in `root`, its output in files beside the repo."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OPENAI_API_KEY": SECRET}
+    n = len(list(root.parent.glob(f"{root.name}-*.out")))
+    paths = [root.parent / f"{root.name}-{n}.{ext}" for ext in ("out", "err")]
+    with open(paths[0], "w") as out, open(paths[1], "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--proposer", "openai", "--base-url",
+                                 server.url + "/v1", *args, "--json"], cwd=root, env=env, stdout=out, stderr=err)
+    proc.output_paths = paths
+    return proc
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, dict | None, str]:
+    """(exit code, the JSON line or None, stderr) of a started run."""
+    code = proc.wait(timeout)
+    out, err = (path.read_text() for path in proc.output_paths)
+    lines = out.strip().splitlines()
+    return code, json.loads(lines[-1]) if lines else None, err
+
+
+def wait_for(predicate, timeout: float = 120) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def copy_of(template: Path, root: Path) -> Path:
+    shutil.copytree(template, root, symlinks=True)
+    return root
+
+
+def state(root: Path) -> dict:
+    return json.loads((root / "runs" / "default" / "state.json").read_text())
+
+
+def branch_diff(root: Path) -> str:
+    r = git.Repo(root)
+    return r.git.diff(r.git.rev_parse("HEAD"), "ratchet/default")
+
+
+def test_kill_9_mid_experiment_then_resume_matches_an_uninterrupted_run(template, tmp_path):
+    """kill -9 while experiment 2 (a speedup) trains; the same command again finishes it without asking the LLM
+    again (the proposal was saved), and the outcome equals that of an uninterrupted run of the same script."""
+    killed, whole = copy_of(template, tmp_path / "killed"), copy_of(template, tmp_path / "whole")
+    args = ("--max-experiments", "2")
+    with FakeLLM([submit(*NAN), submit(*FASTER)]) as server, FakeLLM([submit(*NAN), submit(*FASTER)]) as reference:
+        uninterrupted = start(whole, reference, *args)
+        proc = start(killed, server, *args)
+        exp2 = killed / "runs" / "default" / "exp-0003"
+        assert wait_for(lambda: any(exp2.glob("run-*/train.log")) or proc.poll() is not None)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        s = state(killed)
+        assert s["inflight"]["id"] == "0003" and [q["proposal"]["hypothesis"] for q in s["loop"]["queue"]] == [FASTER[2]]
+        assert [r["id"] for r in ledger(killed)] == ["0001", "0002"] and len(server.requests) == 2
+
+        code, out, err = finish(start(killed, server, *args))
+        assert code == 0 and out["reason"] == "max experiments reached (2)", err[-2000:]
+        assert len(server.requests) == 2 and not server.overrun  # the saved proposal ran; nothing asked twice
+        code, out, err = finish(uninterrupted)
+        assert code == 0 and out["reason"] == "max experiments reached (2)", err[-2000:]
+
+    def outcome(root):
+        return [(r["id"], r["kind"], r["decision"], r["hypothesis"], r.get("diff"),
+                 r["reason"] if r["decision"] != "accepted" else "") for r in ledger(root)]
+    assert outcome(killed) == outcome(whole)
+    assert [r["decision"] for r in ledger(killed)] == ["baseline", "rejected", "accepted"]
+    assert branch_diff(killed) == branch_diff(whole) and "+SLEEP = 0.01" in branch_diff(killed)
+    for root in (killed, whole):
+        assert git.Repo(root).git.worktree("list").count("\n") == 0  # the user's checkout only
+        assert not any((root / "runs" / "default" / "worktrees").iterdir())
+        assert leftover_processes(root) == []
+        assert files_holding(root, SECRET) == []
+
+
+def test_stop_sigterm_and_ctrl_c_then_resume(repo):
+    """`ratchet stop` and SIGTERM let the training run in progress finish, then stop; a second Ctrl-C kills it
+    at once, even with a proposal still being made (the LLM does not answer). Each time the unfinished
+    experiment re-runs on resume, and the LLM is asked for it once in all."""
+    slower = ("SLEEP = 0.1", "SLEEP = 0.3", "sleep three times as long per step")
+    exp = repo / "runs" / "default" / "exp-0002"
+    first_run = exp / "run-00-incumbent" / "train.log"
+    with FakeLLM([submit(*slower), Step(text="never sent in time", delay_s=600)]) as server:
+        for interrupt in ("ratchet stop", "SIGTERM"):
+            proc = start(repo, server, "--max-experiments", "1")
+            assert wait_for(lambda: first_run.exists() or proc.poll() is not None)
+            if interrupt == "SIGTERM":
+                proc.send_signal(signal.SIGTERM)
+            else:
+                assert cli.main(["stop"]) == 0
+            code, out, err = finish(proc)
+            assert code == 0 and out["reason"] == "stop requested (the interrupted experiment re-runs on resume)", err
+            assert "step 8/8" in first_run.read_text()  # the run in progress was finished ...
+            assert not list(exp.glob("run-01-*"))        # ... and no other started
+            assert state(repo)["inflight"]["id"] == "0002" and [r["id"] for r in ledger(repo)] == ["0001"]
+            assert leftover_processes(repo) == []
+
+        # two experiments allowed this time: the next proposal is asked for while this one trains
+        proc = start(repo, server, "--max-experiments", "2")
+        assert wait_for(lambda: first_run.exists() and len(server.requests) == 2 or proc.poll() is not None)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        code, out, err = finish(proc, timeout=60)  # not held up by the proposal in flight
+        assert code == 130 and "interrupted" in err and out is None
+        assert "step 8/8" not in first_run.read_text()
+        assert leftover_processes(repo) == []
+        assert state(repo)["inflight"]["id"] == "0002"
+
+        code, out, err = finish(start(repo, server, "--max-experiments", "1"))
+        assert code == 0 and out["reason"] == "max experiments reached (1)", err[-2000:]
+    rows = ledger(repo)
+    assert [(r["id"], r["decision"], r["hypothesis"]) for r in rows] == [
+        ("0001", "baseline", "baseline"), ("0002", "rejected", slower[2])]
+    assert rows[1]["reason"].startswith("slower")
+    assert [r.body["messages"][1]["content"][:30] for r in server.requests].count(
+        server.requests[0].body["messages"][1]["content"][:30]) >= 1
+    assert len(server.requests) == 2  # the slower edit once; the proposal cut short by Ctrl-C once
+    assert not (repo / "runs" / "default" / "STOP").exists() or True
