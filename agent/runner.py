@@ -239,7 +239,10 @@ def run_training(cmd: list[str], *, cwd: str | os.PathLike, env: Mapping[str, st
     if status == "ok" and proc.returncode != 0:
         status = "crashed"
         reasons.append(_exit_reason(proc.returncode, list(tail)))
-    survivors = lingered or escaped or pipe_held
+    # after an abort or a timeout we killed the group ourselves: processes still dying then are not work that
+    # outlived the run (inside the sandbox they live a few ms longer than bwrap), so only a run that ended on its
+    # own can be flagged
+    survivors = lingered or ((escaped or pipe_held) and status == "ok")
     if survivors:
         status = "crashed" if status == "ok" else status  # a timeout or an abort keeps its own status
         reasons.append(OUTLIVED)

@@ -63,7 +63,8 @@ class Judge:
 
 @dataclass
 class Abort:
-    pace_slack: float = 0.05         # abort a candidate whose projected wall-clock exceeds the incumbent's by this fraction
+    pace_slack: float = 0.2          # abort a candidate whose projected wall-clock exceeds the incumbent's by this fraction
+                                     # (generous: a pace read from a few progress lines is noisy, and an abort is final)
     loss_slack: float = 1.0          # abort a candidate whose loss is this many nats above the incumbent's at the same step
     min_fraction: float = 0.15       # no pace/loss aborts before this fraction of the run
 
@@ -187,7 +188,7 @@ def dumps(s: Settings) -> str:
 PRESETS = {
     "cpu-test": dict(train=dict(config="cpu-test", first_timeout=300.0), eval=dict(tokens=8192, window=64, batch=32),
                      length=dict(pattern=r'"cpu-test": Config\([^)]*?steps=(\d+)'),
-                     judge=dict(baseline_runs=3, min_pairs=4, max_pairs=8), abort=dict(min_fraction=0.25)),
+                     judge=dict(baseline_runs=3, min_pairs=4, max_pairs=8), abort=dict(min_fraction=0.25, pace_slack=0.3)),
     "cpu-tiny": dict(train=dict(config="cpu-tiny", first_timeout=900.0), eval=dict(tokens=65536, window=256, batch=16)),
     "gpt2-124m": dict(train=dict(config="gpt2-124m", data="~/.cache/ratchet/data/fineweb", first_timeout=7200.0,
                                  smoke_args="--steps 3 --log_every 1 --batch_size 256"),

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -226,6 +227,22 @@ def test_hours_budget_stops_and_keeps_the_proposal_made_ahead(repo, capsys, monk
     assert len(server.requests) == 2 and not server.overrun
 
 
+def test_stop_while_waiting_for_the_llm_keeps_the_proposal(repo, capsys, monkeypatch):
+    """A stop asked for while the LLM thinks ends the loop when the proposal arrives, before any run; the
+    proposal is saved and the next `ratchet run` runs it without asking again."""
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    with FakeLLM([submit(*NAN, delay_s=1.0)]) as server:
+        stopper = threading.Thread(target=lambda: wait_for(lambda: server.requests) and cli.main(["stop"]))
+        stopper.start()
+        out = run_openai(capsys, server, "--max-experiments", "1")
+        stopper.join()
+        assert out["reason"] == "stop requested"
+        assert [r["kind"] for r in ledger(repo)] == ["baseline"] and not (repo / "runs" / "default" / "exp-0002").exists()
+        out = run_openai(capsys, server, "--max-experiments", "1")
+    assert out["reason"] == "max experiments reached (1)"
+    assert [r["hypothesis"] for r in experiments(repo)] == [NAN[2]] and len(server.requests) == 1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # duplicates, the offline catalog
 
@@ -263,16 +280,26 @@ def test_catalog_is_the_offline_default_and_says_so(tmp_path, dataset, capsys, m
 # ---------------------------------------------------------------------------------------------------------------
 # kill -9, stop, SIGTERM, Ctrl-C: `ratchet run` as a subprocess, the fake server in this process
 
-def start(root: Path, server: FakeLLM, *args: str) -> subprocess.Popen:
-    """`ratchet run --proposer openai` in `root`, its output in files beside the repo."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OPENAI_API_KEY": SECRET}
-    n = len(list(root.parent.glob(f"{root.name}-*.out")))
-    paths = [root.parent / f"{root.name}-{n}.{ext}" for ext in ("out", "err")]
-    with open(paths[0], "w") as out, open(paths[1], "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--proposer", "openai", "--base-url",
-                                 server.url + "/v1", *args, "--json"], cwd=root, env=env, stdout=out, stderr=err)
-    proc.output_paths = paths
-    return proc
+@pytest.fixture
+def start():
+    """start(root, server, *args): `ratchet run --proposer openai` in `root` as a subprocess, its output in files
+    beside the repo. Any still running when the test ends (it failed) is killed."""
+    started = []
+
+    def start(root: Path, server: FakeLLM, *args: str) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OPENAI_API_KEY": SECRET}
+        paths = [root.parent / f"{root.name}-{len(started)}.{ext}" for ext in ("out", "err")]
+        with open(paths[0], "w") as out, open(paths[1], "w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--proposer", "openai", "--base-url",
+                                     server.url + "/v1", *args, "--json"], cwd=root, env=env, stdout=out, stderr=err)
+        proc.output_paths, proc.started = paths, time.time()
+        started.append(proc)
+        return proc
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, dict | None, str]:
@@ -292,6 +319,14 @@ def wait_for(predicate, timeout: float = 120) -> bool:
     return False
 
 
+def fresh(path: Path, proc: subprocess.Popen) -> bool:
+    """path exists and was written by `proc` (an interrupted run's folder stays until the next resume)."""
+    try:
+        return path.stat().st_mtime > proc.started
+    except FileNotFoundError:
+        return False
+
+
 def copy_of(template: Path, root: Path) -> Path:
     shutil.copytree(template, root, symlinks=True)
     return root
@@ -306,7 +341,7 @@ def branch_diff(root: Path) -> str:
     return r.git.diff(r.git.rev_parse("HEAD"), "ratchet/default")
 
 
-def test_kill_9_mid_experiment_then_resume_matches_an_uninterrupted_run(template, tmp_path):
+def test_kill_9_mid_experiment_then_resume_matches_an_uninterrupted_run(template, tmp_path, start):
     """kill -9 while experiment 2 (a speedup) trains; the same command again finishes it without asking the LLM
     again (the proposal was saved), and the outcome equals that of an uninterrupted run of the same script."""
     killed, whole = copy_of(template, tmp_path / "killed"), copy_of(template, tmp_path / "whole")
@@ -341,7 +376,7 @@ def test_kill_9_mid_experiment_then_resume_matches_an_uninterrupted_run(template
         assert files_holding(root, SECRET) == []
 
 
-def test_stop_sigterm_and_ctrl_c_then_resume(repo):
+def test_stop_sigterm_and_ctrl_c_then_resume(repo, start):
     """`ratchet stop` and SIGTERM let the training run in progress finish, then stop; a second Ctrl-C kills it
     at once, even with a proposal still being made (the LLM does not answer). Each time the unfinished
     experiment re-runs on resume, and the LLM is asked for it once in all."""
@@ -351,7 +386,7 @@ def test_stop_sigterm_and_ctrl_c_then_resume(repo):
     with FakeLLM([submit(*slower), Step(text="never sent in time", delay_s=600)]) as server:
         for interrupt in ("ratchet stop", "SIGTERM"):
             proc = start(repo, server, "--max-experiments", "1")
-            assert wait_for(lambda: first_run.exists() or proc.poll() is not None)
+            assert wait_for(lambda: fresh(first_run, proc) or proc.poll() is not None)
             if interrupt == "SIGTERM":
                 proc.send_signal(signal.SIGTERM)
             else:
@@ -365,7 +400,7 @@ def test_stop_sigterm_and_ctrl_c_then_resume(repo):
 
         # two experiments allowed this time: the next proposal is asked for while this one trains
         proc = start(repo, server, "--max-experiments", "2")
-        assert wait_for(lambda: first_run.exists() and len(server.requests) == 2 or proc.poll() is not None)
+        assert wait_for(lambda: fresh(first_run, proc) and len(server.requests) == 2 or proc.poll() is not None)
         proc.send_signal(signal.SIGINT)
         time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
@@ -381,7 +416,4 @@ def test_stop_sigterm_and_ctrl_c_then_resume(repo):
     assert [(r["id"], r["decision"], r["hypothesis"]) for r in rows] == [
         ("0001", "baseline", "baseline"), ("0002", "rejected", slower[2])]
     assert rows[1]["reason"].startswith("slower")
-    assert [r.body["messages"][1]["content"][:30] for r in server.requests].count(
-        server.requests[0].body["messages"][1]["content"][:30]) >= 1
     assert len(server.requests) == 2  # the slower edit once; the proposal cut short by Ctrl-C once
-    assert not (repo / "runs" / "default" / "STOP").exists() or True

@@ -700,6 +700,14 @@ more, and learns faster per step with it. Doubles `lr` in every named config. Sp
 rate with a trapezoid schedule and rotary gave -816 s (record 2).""",
         scale={"lr": 2.0}),
     Entry(
+        key="higher-lr-1.5x", hardware="any", kind="quality",
+        hypothesis="Another 1.5x on the incumbent's peak learning rate",
+        rationale="""The learning rate is the strongest single dial of a short run: on cpu-tiny, doubling it
+lowered the val loss by about 0.2 nats at equal steps (one seed). Once earlier edits (QK-norm, a trapezoid
+schedule, Muon) have made training more stable, a further step up can pay again. Scales `lr` in every named
+config by 1.5, relative to the incumbent. Speedrun [12, 16]: learning-rate tuning recurs through the records.""",
+        scale={"lr": 1.5}),
+    Entry(
         key="wsd-schedule", hardware="any", kind="quality",
         hypothesis="Warmup-stable-decay schedule: hold the peak learning rate, then decay linearly over the last 40%",
         rationale="""Cosine decay spends most of the run below the peak rate; a trapezoid holds the peak for
