@@ -123,7 +123,7 @@ def cmd_log(args) -> int:
     for r in rows:
         table.add_row(r["id"], r["kind"], r["decision"], (r.get("reason") or "").splitlines()[0][:60] if r.get("reason") else "", fmt(r.get("speedup"), "+.1%"),
                       fmt(r.get("val_loss"), ".4f"), (r.get("hypothesis") or "")[:60])
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)  # piped: no 80-column wrapping
     return 0
 
 

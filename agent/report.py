@@ -42,6 +42,7 @@ def plot_progress(rows: list[dict], path: Path) -> None:
         if r["kind"] in DECIDED and cand:
             colour = "tab:green" if r["decision"] == "accepted" else "tab:gray"
             ax.scatter([i] * len(cand), cand, s=12, color=colour, alpha=0.7)
+    ax.set_xticks(range(len(steps)), [exp_id for exp_id, _ in steps], rotation=90 if len(steps) > 20 else 0)
     ax.set_xlabel("experiment")
     ax.set_ylabel("wall-clock per run (s)")
     ax.set_title("incumbent time (line); candidate runs: accepted green, rejected grey")

@@ -42,10 +42,15 @@ def plain(old: str, new: str, hypothesis: str) -> Step:
                  f"{block(old, new)}```\n")
 
 
-# the scripted edits; SLEEP = 0.1 and STEPS = 8 make an incumbent run of about 0.8 s
-FASTER = ("SLEEP = 0.1", "SLEEP = 0.01", "sleep a tenth as long per step")
+# scripted edits (SEARCH, REPLACE, hypothesis); SLEEP = 0.1 and STEPS = 8 make an incumbent run of about 0.8 s
+FASTER = ("SLEEP = 0.1", "SLEEP = 0.01", "sleep a tenth as long per step")    # accepted after 8 timed runs
 NOOP = ("LOSS = 5.0", "LOSS = 5.0  # the same value, a new comment", "a comment that changes nothing")
+SLOWER = ("SLEEP = 0.1", "SLEEP = 0.3", "sleep three times as long per step")  # aborted in its first timed run
+# rejected by the smoke run, before any timed run: cheap experiments for the budget tests
 NAN = ("LOSS = 5.0", 'LOSS = float("nan")', "a loss that is not a number")
+INF = ("LOSS = 5.0", 'LOSS = float("inf")', "a loss that is infinite")
+CRASH = ("SLEEP = 0.1", "SLEEP = -1.0", "a negative sleep, which raises")
+MILLION_INPUT_TOKENS = (1_000_000, 0, 0, 0)  # fake usage: $0.25 per reply at gpt-5-mini's list price
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +67,15 @@ def template(tmp_path_factory, dataset) -> Path:
     return root
 
 
+def copy_of(template: Path, root: Path) -> Path:
+    shutil.copytree(template, root, symlinks=True)
+    return root
+
+
 @pytest.fixture
 def repo(template, tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "target"
-    shutil.copytree(template, root, symlinks=True)
+    """A copy of the template, the current directory, with no API key or endpoint in the environment."""
+    root = copy_of(template, tmp_path / "target")
     monkeypatch.chdir(root)
     for name in ("ANTHROPIC_API_KEY", "OPENAI_API_KEY", "ANTHROPIC_BASE_URL", "OPENAI_BASE_URL",
                  "ANTHROPIC_AUTH_TOKEN"):
@@ -101,6 +111,62 @@ def leftover_processes(root: Path) -> list[str]:
     return found
 
 
+@pytest.fixture
+def start():
+    """start(root, server, *args): `ratchet run --proposer openai` in `root` as a subprocess, its output in files
+    beside the repo. Any still running when the test ends (it failed) is killed."""
+    started = []
+
+    def start(root: Path, server: FakeLLM, *args: str) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OPENAI_API_KEY": SECRET}
+        paths = [root.parent / f"{root.name}-{len(started)}.{ext}" for ext in ("out", "err")]
+        with open(paths[0], "w") as out, open(paths[1], "w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--proposer", "openai", "--base-url",
+                                     server.url + "/v1", *args, "--json"], cwd=root, env=env, stdout=out, stderr=err)
+        proc.output_paths, proc.started = paths, time.time()
+        started.append(proc)
+        return proc
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, dict | None, str]:
+    """(exit code, the JSON line or None, stderr) of a started run."""
+    code = proc.wait(timeout)
+    out, err = (path.read_text() for path in proc.output_paths)
+    lines = out.strip().splitlines()
+    return code, json.loads(lines[-1]) if lines else None, err
+
+
+def wait_for(predicate, timeout: float = 120) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def fresh(path: Path, proc: subprocess.Popen) -> bool:
+    """path exists and was written by `proc` (an interrupted run's folder stays until the next resume)."""
+    try:
+        return path.stat().st_mtime > proc.started
+    except FileNotFoundError:
+        return False
+
+
+def state(root: Path) -> dict:
+    return json.loads((root / "runs" / "default" / "state.json").read_text())
+
+
+def branch_diff(root: Path) -> str:
+    r = git.Repo(root)
+    return r.git.diff(r.git.rev_parse("HEAD"), "ratchet/default")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # end to end, in process
 
@@ -121,8 +187,8 @@ def test_openai_tool_mode_end_to_end(repo, capsys, monkeypatch):
     assert all(r.path == "/v1/chat/completions" and r.headers["authorization"] == f"Bearer {SECRET}"
                for r in server.requests)
     # the SEARCH text that is not in the file went back to the model as a tool error
-    assert "SEARCH" in json.dumps(server.requests[3].body["messages"][-1]) and \
-        "error" in server.requests[3].body["messages"][-1]["content"]
+    answer = server.requests[3].body["messages"][-1]
+    assert answer["role"] == "tool" and "SEARCH text not found" in answer["content"]
 
     rows = experiments(repo)
     assert [(r["id"], r["decision"], r["hypothesis"]) for r in rows] == [
@@ -178,11 +244,6 @@ def test_anthropic_plain_text_mode_and_a_proposer_failure(repo, capsys, monkeypa
 # ---------------------------------------------------------------------------------------------------------------
 # budgets (in process)
 
-INF = ("LOSS = 5.0", 'LOSS = float("inf")', "a loss that is infinite")
-CRASH = ("SLEEP = 0.1", "SLEEP = -1.0", "a negative sleep, which raises")
-MILLION_INPUT_TOKENS = (1_000_000, 0, 0, 0)  # $0.25 at gpt-5-mini's list price
-
-
 def run_openai(capsys, server, *args) -> dict:
     return ratchet(capsys, "run", "--proposer", "openai", "--base-url", server.url + "/v1", *args)
 
@@ -205,7 +266,7 @@ def test_budget_usd_stops_when_the_spend_reaches_it(repo, capsys, monkeypatch):
     rows = experiments(repo)
     assert [r["hypothesis"] for r in rows] == [NAN[2], INF[2]] and len(server.requests) == 2
     assert [r["usage"]["cost_usd"] for r in rows] == [pytest.approx(0.25)] * 2
-    loop = json.loads((repo / "runs" / "default" / "state.json").read_text())["loop"]
+    loop = state(repo)["loop"]
     assert loop["spent_usd"] == pytest.approx(0.5) and loop["queue"] == []
 
 
@@ -217,7 +278,7 @@ def test_hours_budget_stops_and_keeps_the_proposal_made_ahead(repo, capsys, monk
         out = run_openai(capsys, server, "--hours", "0.0001")
         assert out["reason"].startswith("time budget reached")
         assert [r["hypothesis"] for r in experiments(repo)] == [NAN[2]]
-        loop = json.loads((repo / "runs" / "default" / "state.json").read_text())["loop"]
+        loop = state(repo)["loop"]
         assert [q["proposal"]["hypothesis"] for q in loop["queue"]] == [INF[2]]
         assert loop["active_s"] >= 0.36
 
@@ -280,67 +341,6 @@ def test_catalog_is_the_offline_default_and_says_so(tmp_path, dataset, capsys, m
 # ---------------------------------------------------------------------------------------------------------------
 # kill -9, stop, SIGTERM, Ctrl-C: `ratchet run` as a subprocess, the fake server in this process
 
-@pytest.fixture
-def start():
-    """start(root, server, *args): `ratchet run --proposer openai` in `root` as a subprocess, its output in files
-    beside the repo. Any still running when the test ends (it failed) is killed."""
-    started = []
-
-    def start(root: Path, server: FakeLLM, *args: str) -> subprocess.Popen:
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OPENAI_API_KEY": SECRET}
-        paths = [root.parent / f"{root.name}-{len(started)}.{ext}" for ext in ("out", "err")]
-        with open(paths[0], "w") as out, open(paths[1], "w") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--proposer", "openai", "--base-url",
-                                     server.url + "/v1", *args, "--json"], cwd=root, env=env, stdout=out, stderr=err)
-        proc.output_paths, proc.started = paths, time.time()
-        started.append(proc)
-        return proc
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, dict | None, str]:
-    """(exit code, the JSON line or None, stderr) of a started run."""
-    code = proc.wait(timeout)
-    out, err = (path.read_text() for path in proc.output_paths)
-    lines = out.strip().splitlines()
-    return code, json.loads(lines[-1]) if lines else None, err
-
-
-def wait_for(predicate, timeout: float = 120) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
-
-
-def fresh(path: Path, proc: subprocess.Popen) -> bool:
-    """path exists and was written by `proc` (an interrupted run's folder stays until the next resume)."""
-    try:
-        return path.stat().st_mtime > proc.started
-    except FileNotFoundError:
-        return False
-
-
-def copy_of(template: Path, root: Path) -> Path:
-    shutil.copytree(template, root, symlinks=True)
-    return root
-
-
-def state(root: Path) -> dict:
-    return json.loads((root / "runs" / "default" / "state.json").read_text())
-
-
-def branch_diff(root: Path) -> str:
-    r = git.Repo(root)
-    return r.git.diff(r.git.rev_parse("HEAD"), "ratchet/default")
-
-
 def test_kill_9_mid_experiment_then_resume_matches_an_uninterrupted_run(template, tmp_path, start):
     """kill -9 while experiment 2 (a speedup) trains; the same command again finishes it without asking the LLM
     again (the proposal was saved), and the outcome equals that of an uninterrupted run of the same script."""
@@ -380,10 +380,9 @@ def test_stop_sigterm_and_ctrl_c_then_resume(repo, start):
     """`ratchet stop` and SIGTERM let the training run in progress finish, then stop; a second Ctrl-C kills it
     at once, even with a proposal still being made (the LLM does not answer). Each time the unfinished
     experiment re-runs on resume, and the LLM is asked for it once in all."""
-    slower = ("SLEEP = 0.1", "SLEEP = 0.3", "sleep three times as long per step")
     exp = repo / "runs" / "default" / "exp-0002"
     first_run = exp / "run-00-incumbent" / "train.log"
-    with FakeLLM([submit(*slower), Step(text="never sent in time", delay_s=600)]) as server:
+    with FakeLLM([submit(*SLOWER), Step(text="never sent in time", delay_s=600)]) as server:
         for interrupt in ("ratchet stop", "SIGTERM"):
             proc = start(repo, server, "--max-experiments", "1")
             assert wait_for(lambda: fresh(first_run, proc) or proc.poll() is not None)
@@ -397,6 +396,7 @@ def test_stop_sigterm_and_ctrl_c_then_resume(repo, start):
             assert not list(exp.glob("run-01-*"))        # ... and no other started
             assert state(repo)["inflight"]["id"] == "0002" and [r["id"] for r in ledger(repo)] == ["0001"]
             assert leftover_processes(repo) == []
+            assert len(server.requests) == 1  # the resume ran the saved proposal
 
         # two experiments allowed this time: the next proposal is asked for while this one trains
         proc = start(repo, server, "--max-experiments", "2")
@@ -414,6 +414,6 @@ def test_stop_sigterm_and_ctrl_c_then_resume(repo, start):
         assert code == 0 and out["reason"] == "max experiments reached (1)", err[-2000:]
     rows = ledger(repo)
     assert [(r["id"], r["decision"], r["hypothesis"]) for r in rows] == [
-        ("0001", "baseline", "baseline"), ("0002", "rejected", slower[2])]
+        ("0001", "baseline", "baseline"), ("0002", "rejected", SLOWER[2])]
     assert rows[1]["reason"].startswith("slower")
     assert len(server.requests) == 2  # the slower edit once; the proposal cut short by Ctrl-C once
