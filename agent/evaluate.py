@@ -436,11 +436,12 @@ def evaluate(code_dir, weights, data_dir, tokens: int, window: int, batch: int =
             timed_out = False
         except subprocess.TimeoutExpired:
             timed_out = True
-        try:  # the whole group: a timed-out evaluator and anything the candidate started
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait()
+        finally:  # the whole group, also on Ctrl-C: a timed-out evaluator and anything the candidate started
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait()
         raw = _read_available(read_fd)
         log.seek(0)
         last_line = (log.read().decode(errors="replace").strip().splitlines() or [""])[-1]

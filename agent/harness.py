@@ -94,6 +94,7 @@ class Harness:
         self.sandbox_note = sandbox.describe() if self.sandboxed else f"off: {sandbox.available()[1]}"
         # one run on the devices at a time: a proposer's smoke check (background thread) waits for the timed run
         self.device_lock = threading.Lock()
+        self.snapshot_lock = threading.Lock()
         self.should_stop = lambda: False
 
     def lock(self) -> None:
@@ -419,7 +420,9 @@ class Harness:
     def snapshot(self, head: str) -> Path:
         """A plain read-only copy of the tree at `head` (git archive: no git state shared with the main thread)."""
         path = self.ledger.dir / "snapshots" / head[:12]
-        if not path.exists():
+        with self.snapshot_lock:  # the loop's proposer thread and the main thread may both ask for the same head
+            if path.exists():
+                return path
             tmp = path.with_name(path.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)

@@ -107,7 +107,7 @@ class Loop:
         def work():
             try:
                 future.set_result(self._propose())
-            except BaseException as e:  # as concurrent.futures does: the waiting thread re-raises it
+            except BaseException as e:  # noqa: BLE001 (as concurrent.futures does: the waiting thread re-raises it)
                 future.set_exception(e)
         threading.Thread(target=work, name="propose", daemon=True).start()
         return future
@@ -120,7 +120,8 @@ class Loop:
 
     def _close(self, loop: dict, ahead: Future | None, reason: str | None) -> None:
         """At exit: queue the proposal made ahead (waiting for it after a budget stop, taking it only if it has
-        arrived after a user's stop or an interrupt), then make sure no run outlives the loop."""
+        arrived after a user's stop or an interrupt), then make sure no run outlives the loop: the harness's
+        devices stay locked from here on (one Loop per Harness, as `ratchet run` makes them)."""
         budget_stop = reason is not None and not reason.startswith(USER_STOP)
         if ahead is not None and (ahead.done() or budget_stop) and ahead.exception() is None:
             proposal, made_on = ahead.result()

@@ -157,7 +157,7 @@ class AbortPolicy:
 def run_training(cmd: list[str], *, cwd: str | os.PathLike, env: Mapping[str, str], log_path: str | os.PathLike,
                  timeout: float, monitor: Callable[[Progress], str | None] | None = None,
                  on_line: Callable[[str], None] | None = None, on_progress: Callable[[Progress], None] | None = None,
-                 grace: float = 2.0) -> RunResult:
+                 grace: float = 5.0) -> RunResult:
     """Run `cmd` in a new session under `cwd` with exactly `env` (plus RATCHET_RUN_ID), stdout+stderr to `log_path`.
 
     `monitor` sees each progress line while the run is live; a non-None return aborts the run with that reason.

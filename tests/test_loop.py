@@ -1,7 +1,10 @@
 """`ratchet run` end to end: fake LLM servers (tests/fakellm.py) propose edits to the stand-in trainer of
-tests/fakerepo.py; real git, runner, evaluator and judge. Subprocess tests kill, stop and resume the loop.
+tests/fakerepo.py; real git, runner, evaluator and judge.
 
-Every repo starts as a copy of one template whose baseline is already measured (2 runs), to keep the file fast.
+The OpenAI wire format runs the whole story in tool mode (accept, a stale proposal, a no-op, a tool error sent
+back); Anthropic runs plain-text mode and a proposer failure. Budgets, duplicates and the offline catalog run in
+process; kill -9, `ratchet stop`, SIGTERM and Ctrl-C run `ratchet run` as a subprocess against a fake server in
+this process. Every repo starts as a copy of one template whose baseline is already measured, to keep this fast.
 """
 import json
 import os
@@ -385,7 +388,7 @@ def test_stop_sigterm_and_ctrl_c_then_resume(repo, start):
     with FakeLLM([submit(*SLOWER), Step(text="never sent in time", delay_s=600)]) as server:
         for interrupt in ("ratchet stop", "SIGTERM"):
             proc = start(repo, server, "--max-experiments", "1")
-            assert wait_for(lambda: fresh(first_run, proc) or proc.poll() is not None)
+            assert wait_for(lambda proc=proc: fresh(first_run, proc) or proc.poll() is not None)
             if interrupt == "SIGTERM":
                 proc.send_signal(signal.SIGTERM)
             else:

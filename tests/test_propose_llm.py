@@ -5,7 +5,7 @@ Most tests run once per provider: the same script drives both wire formats (test
 import json
 
 import pytest
-from fakellm import Call, FakeLLM, Step, call, error, reply, stall
+from tests.fakellm import Call, FakeLLM, Step, call, error, reply, stall
 
 from agent.edits import parse_edit
 from agent.propose.anthropic_proposer import AnthropicProposer
