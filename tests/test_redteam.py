@@ -10,7 +10,6 @@ Two tiers:
     cpu-test preset; the baseline (2 runs) is measured once per module and every test tries its edit on the
     same repo in turn (a rejected try leaves the branch where it was).
 """
-import os
 import shutil
 import time
 from pathlib import Path
