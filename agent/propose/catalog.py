@@ -10,6 +10,7 @@ target hardware. `propose` returns the first entry that
 """
 import re
 import tempfile
+import textwrap
 from pathlib import Path
 
 from agent.edits import EditError, apply_edit, parse_edit
@@ -51,7 +52,8 @@ def render(entry: Entry, files: dict[str, str]) -> str:
         blocks += config_blocks(files.get(CONFIG_PATH, ""), entry.scale, entry.assign)
     if not blocks.strip():
         raise CatalogError("changes nothing: already in place")
-    return f"HYPOTHESIS: {entry.hypothesis}\nRATIONALE: {entry.rationale}\n\n{blocks}"
+    rationale = textwrap.fill(" ".join(entry.rationale.split()), width=110, initial_indent="RATIONALE: ")
+    return f"HYPOTHESIS: {entry.hypothesis}\n{rationale}\n\n{blocks}"
 
 
 def config_blocks(config_text: str, scale: dict, assign: dict) -> str:
