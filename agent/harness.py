@@ -2,10 +2,12 @@
 
 Trust boundaries, in the order an edit crosses them:
   1. guard.path_violation: the edit may touch only editable, unprotected paths (before anything runs)
-  2. guard.check_integrity: protected files in the worktree equal their baseline hashes (before every run and evaluation)
-  3. runner.run_training: the training process is timed from outside, as a whole process group, env scrubbed of secrets
-  4. evaluate.evaluate: val loss and the causality probe come from a separate process that owns the val data
-  5. judge.Judge: interleaved runs and a one-sided test decide; a failed run is a rejection with its reason, never a number
+  2. policy.check_files: AST rules on the edited files reject timer/library patches, processes, network, foreign reads
+  3. guard.check_integrity: protected files in the worktree equal their baseline hashes (before every run and evaluation)
+  4. sandbox.wrap: runs execute under bubblewrap, no network, only their run dir writable, no validation data mounted
+  5. runner.run_training: the training process is timed from outside, as a whole process group, env scrubbed of secrets
+  6. evaluate.evaluate: val loss and the causality probe come from a separate process that owns the val data
+  7. judge.Judge: interleaved runs and a one-sided test decide; a failed run is a rejection with its reason, never a number
 Crash safety: each decision is saved in exp-<id>/result.json before the branch or ledger moves, so `recover()` can
 finish it; an experiment without result.json is discarded and re-run.
 """
@@ -602,9 +604,7 @@ def failure_reason(m: Measurement) -> str:
         return f"crashed ({m.reason})"
     if m.status == "timeout":
         return f"timed out after {m.seconds:.0f}s"
-    if m.status == "aborted":
-        return m.reason
-    return m.reason
+    return m.reason  # aborted (slower, NaN, loss), probe, evaluation: the reason says it all
 
 
 def commit_message(row: dict, tag: str) -> str:
