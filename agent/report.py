@@ -9,13 +9,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from agent.ledger import Ledger  # noqa: E402
 from agent.redaction import redact  # noqa: E402
+from agent.view import fmt  # noqa: E402
 
 DECIDED = ("try", "run")
-
-
-def _mean(xs):
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
 
 
 def incumbent_series(rows: list[dict]) -> list[tuple[str, float]]:
@@ -68,10 +64,9 @@ def write_report(tag_dir: Path) -> Path:
                 f"target val loss {base.get('target', 0):.4f}. {len(decided)} experiments, {len(accepted)} accepted; "
                 f"LLM spend ${spend:.2f}.</p>")
     e = lambda x: html.escape(str(x if x is not None else ""))
-    fmt = lambda x, spec: "" if x is None else format(x, spec)
     lines = [f"<tr><td>{e(r['id'])}</td><td>{e(r['kind'])}</td><td class='{e(r.get('decision'))}'>{e(r.get('decision'))}</td>"
              f"<td>{e((r.get('reason') or '').splitlines()[0] if r.get('reason') else '')}</td>"
-             f"<td>{fmt(r.get('speedup'), '+.1%')}</td><td>{fmt(r.get('val_loss'), '.4f')}</td>"
+             f"<td>{fmt(r.get('speedup'), '+.1%', '')}</td><td>{fmt(r.get('val_loss'), '.4f', '')}</td>"
              f"<td>{e(r.get('proposer'))}</td><td>{e(r.get('hypothesis'))}"
              + (f"<details><summary>diff</summary><pre>{e(r.get('diff'))}</pre></details>" if r.get("diff") else "")
              + "</td></tr>" for r in rows]
