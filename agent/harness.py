@@ -213,7 +213,9 @@ class Harness:
         return m
 
     # ------------------------------------------------------------------ baseline
-    def baseline(self, force: bool = False) -> dict:
+    def baseline(self, force: bool = False, should_stop=lambda: False) -> dict:
+        """Measure the incumbent [judge] baseline_runs times and set the target. `should_stop` is asked between
+        runs: Stopped leaves no baseline (the next call measures it again)."""
         self.recover()
         state = self.state
         if "baseline" in state and not force:
@@ -230,6 +232,8 @@ class Harness:
         runs = []
         try:
             for i in range(s.judge.baseline_runs):
+                if should_stop():
+                    raise Stopped()
                 self.events.run_started(INCUMBENT, i, None)
                 m = self.measure(INCUMBENT, wt, exp_dir / f"run-{i:02d}", seed=1 + i, timeout=s.train.first_timeout,
                                  policy=AbortPolicy())
@@ -258,14 +262,31 @@ class Harness:
     def experiment(self, text: str, proposer: str = "manual", kind: str = "try", extra: dict | None = None,
                    should_stop=lambda: False, calibrate: bool | None = None) -> list[dict]:
         """An edit through the judge, then, when its loss says a different length would win, up to
-        [length] max_attempts calibrated variants (see agent/calibrate.py). Returns every ledger row made."""
-        rows = [self.try_edit(text, proposer, kind, extra, should_stop)]
-        if self.settings.length.calibrate if calibrate is None else calibrate:
-            rows += self._calibrate(text, rows[0], proposer, extra, should_stop)
+        [length] max_attempts calibrated variants (see agent/calibrate.py). Returns the ledger rows made by this call.
+
+        extra["proposal_id"] (the loop's) makes this resumable: rows already in the ledger for that proposal, from a
+        run that was killed half-way, are reused rather than re-run (a re-run would be rejected as a duplicate)."""
+        calibrate = self.settings.length.calibrate if calibrate is None else calibrate
+        pid = (extra or {}).get("proposal_id")
+        earlier = [r for r in self.ledger.rows() if pid and r.get("proposal_id") == pid]
+        bar = self._quality_bar() if calibrate else None
+        first = next((r for r in earlier if r["kind"] != "calibrate"), None)
+        rows = [] if first else [self.try_edit(text, proposer, kind, extra, should_stop, calibrate_below=bar)]
+        if calibrate:
+            done = {r["steps_after"]: r for r in earlier if r["kind"] == "calibrate"}
+            rows += self._calibrate(text, first or rows[0], proposer, extra, should_stop, bar, done)
         return rows
 
-    def _calibrate(self, text: str, row: dict, proposer: str, extra: dict | None, should_stop) -> list[dict]:
-        L, state = self.settings.length, self.state
+    def _quality_bar(self) -> float:
+        """Val loss below which an edit is clearly better than needed: the target minus the seed-to-seed noise."""
+        base = self.require_baseline()["baseline"]
+        noise = max(float(np.std(base["val_losses"], ddof=1)), self.settings.target.min_tolerance)
+        return base["target"] - noise
+
+    def _calibrate(self, text: str, row: dict, proposer: str, extra: dict | None, should_stop, bar: float,
+                   done: dict) -> list[dict]:
+        """Derived attempts at other lengths; `done`: attempts already in the ledger (by step count), reused."""
+        L, base = self.settings.length, self.require_baseline()["baseline"]
         try:
             length = calibrate.read_length(self.ws.repo.git.show(f"{row['commit']}:{L.file}"), L.pattern, L.file) \
                 if row.get("commit") else None
@@ -274,19 +295,19 @@ class Harness:
             return []
         if length is None:
             return []
-        base = state["baseline"]
-        noise = max(float(np.std(base["val_losses"], ddof=1)), self.settings.target.min_tolerance)
-        plan, why = calibrate.plan(row, length, base["target"], noise, self.settings.judge.min_speedup,
+        plan, why = calibrate.plan(row, length, base["target"], base["target"] - bar, self.settings.judge.min_speedup,
                                    L.min_fraction, L.max_fraction)
         if plan is None:
             return []
         self.events.stage(f"calibrating the length ({plan.direction}): {why}")
         rows, steps = [], plan.first
         for _ in range(L.max_attempts):
-            r = self.try_edit(text, proposer, "calibrate", {**(extra or {}), "calibrates": row["id"],
-                              "steps_before": length, "steps_after": steps, "calibration": why},
-                              should_stop, length=steps)
-            rows.append(r)
+            r = done.get(steps) or self.try_edit(
+                text, proposer, "calibrate", {**(extra or {}), "calibrates": row["id"], "steps_before": length,
+                                              "steps_after": steps, "calibration": why},
+                should_stop, length=steps, calibrate_below=bar)
+            if steps not in done:
+                rows.append(r)
             if r["decision"] == "accepted" or not (r.get("verdict") or {}).get("val_loss_mean"):
                 break
             plan.bracket.record(steps, met_target=r["verdict"]["val_loss_mean"] <= base["target"])
@@ -296,9 +317,11 @@ class Harness:
         return rows
 
     def try_edit(self, text: str, proposer: str = "manual", kind: str = "try", extra: dict | None = None,
-                 should_stop=lambda: False, length: int | None = None) -> dict:
+                 should_stop=lambda: False, length: int | None = None, calibrate_below: float | None = None) -> dict:
         """Take an edit (either format) through the whole pipeline; returns its ledger row.
         `length`: write this step count into the length knob after the edit (a calibrated variant).
+        `calibrate_below`: a val loss under which the judge stops at its first look if the edit is not yet
+        significantly faster (a calibrated length is the better use of the runs; see `_judge`).
         `should_stop` is asked between runs; when it says yes, Stopped is raised and the experiment stays in flight."""
         self.recover()
         state = self.require_baseline()
@@ -348,7 +371,7 @@ class Harness:
                                     "policy: " + policy.format_findings(policy.rejecting(findings)))
             inc_wt = self.ws.add_worktree("incumbent", parent)
             decision, reason, verdict = self._judge(cand_wt, inc_wt, exp_dir, row, state["incumbent"],
-                                                    state["baseline"]["target"])
+                                                    state["baseline"]["target"], calibrate_below)
             row["verdict"] = verdict
             return self._finish(row, exp_dir, cand_wt, decision, reason)
         except guard.IntegrityError as e:
@@ -358,8 +381,14 @@ class Harness:
                 if wt is not None:
                     self.ws.remove_worktree(wt)
 
-    def _judge(self, cand_wt: Path, inc_wt: Path, exp_dir: Path, row: dict, incumbent: dict, target: float):
-        """Smoke run, then interleaved timed runs until the judge decides. -> (decision, reason, verdict dict)"""
+    def _judge(self, cand_wt: Path, inc_wt: Path, exp_dir: Path, row: dict, incumbent: dict, target: float,
+               calibrate_below: float | None = None):
+        """Smoke run, then interleaved timed runs until the judge decides. -> (decision, reason, verdict dict)
+
+        With `calibrate_below`, a candidate whose val loss is under it at the judge's first look but not yet
+        significantly faster is rejected there: it learns better than it needs to, so the same number of runs is
+        better spent on a shorter variant (calibration) than on proving a small speedup at full length. This
+        only removes acceptances, so it cannot raise the judge's false-accept rate."""
         s = self.settings
         inc_seconds = sum(incumbent["seconds"]) / len(incumbent["seconds"])
         # smoke: a few untimed steps and the causality probe, before any timed run
@@ -399,13 +428,19 @@ class Harness:
                 inc_curve = m.curve
             judge.add(arm, m.seconds, m.val_loss)
             verdict = judge.verdict()
+            first_look = len(judge.runs) == 2 * judge.params.min_pairs
+            if (verdict.state == "continue" and first_look and calibrate_below is not None
+                    and verdict.val_loss_mean < calibrate_below):
+                return "rejected", (f"val loss {verdict.val_loss_mean:.4f} beats the target by more than the noise "
+                                    f"and not significantly faster at the first look: calibrate"), asdict(verdict)
         return verdict.state, verdict.reason, asdict(verdict)
 
     # ------------------------------------------------------------------ the loop's entry points
-    def run_proposal(self, proposal, made_on: str, should_stop=lambda: False) -> list[dict]:
-        """One experiment from a proposer's Proposal; a failed proposal is recorded without running anything."""
+    def run_proposal(self, proposal, made_on: str, should_stop=lambda: False, proposal_id: str = "") -> list[dict]:
+        """One experiment from a proposer's Proposal; a failed proposal is recorded without running anything.
+        proposal_id: the loop's id for it; a second call with the same id (a resume) finishes what the first left."""
         extra = {"key": proposal.key, "usage": asdict(proposal.usage), "attempts": proposal.attempts,
-                 "proposed_on": made_on}
+                 "proposed_on": made_on, "proposal_id": proposal_id}
         if proposal.error:
             return [self.record_failure(proposal, extra)]
         return self.experiment(proposal.text, proposer=proposal.proposer, kind="run", extra=extra, should_stop=should_stop)
@@ -433,8 +468,9 @@ class Harness:
             tmp.rename(path)
         return path
 
-    def context(self, head: str):
-        """What a proposer sees: editable files, the incumbent's numbers, the hardware, the rules, the history."""
+    def context(self, head: str, pending: list[dict] = ()):
+        """What a proposer sees: editable files, the incumbent's numbers, the hardware, the rules, the history, and
+        `pending`: proposals queued or training now ({"key", "hypothesis"}), not in the history yet."""
         from agent.propose.base import Context
         from agent.propose.rules import hardware_summary, rules_text
         s = self.settings
@@ -456,7 +492,7 @@ class Harness:
                    for r in self.ledger.rows() if r["kind"] in ("try", "run", "calibrate")]
         return Context(root=str(tree), editable=s.paths.editable, protected=s.paths.protected, files=files,
                        incumbent=incumbent, hardware=hardware_summary(self.nproc), history=history,
-                       rules=rules_text(s), smoke=lambda text: self.smoke_check(text, head))
+                       rules=rules_text(s), pending=list(pending), smoke=lambda text: self.smoke_check(text, head))
 
     def smoke_check(self, text: str, head: str):
         """For proposers: apply an edit to a scratch copy of `head` and run the smoke command (waits for the devices)."""

@@ -13,6 +13,7 @@ can start no other.
 import signal
 import threading
 import time
+import uuid
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -95,18 +96,20 @@ class Loop:
         state["loop"] = loop
         self.h.ledger.save_state(state)
 
-    def _propose(self) -> tuple[Proposal | None, str]:
+    def _propose(self, pending: list[dict]) -> tuple[Proposal | None, str]:
         """(proposal, the head it was made against)."""
         head = self.h.ws.head()
-        return self.proposer.propose(self.h.context(head)), head
+        return self.proposer.propose(self.h.context(head, pending)), head
 
-    def _ask(self) -> Future:
-        """Ask the proposer in a daemon thread: a proposal still in flight never holds up the exit."""
+    def _ask(self, loop: dict) -> Future:
+        """Ask the proposer in a daemon thread: a proposal still in flight never holds up the exit. The queued
+        proposals (the one training now among them) go into its context, so it does not propose them again."""
+        pending = [{"key": q["proposal"]["key"], "hypothesis": q["proposal"]["hypothesis"]} for q in loop["queue"]]
         future = Future()
 
         def work():
             try:
-                future.set_result(self._propose())
+                future.set_result(self._propose(pending))
             except BaseException as e:  # noqa: BLE001 (as concurrent.futures does: the waiting thread re-raises it)
                 future.set_exception(e)
         threading.Thread(target=work, name="propose", daemon=True).start()
@@ -115,7 +118,7 @@ class Loop:
     def _enqueue(self, loop: dict, proposal: Proposal, made_on: str) -> None:
         """A proposal has arrived: it is paid for, and saved until it has run."""
         loop["spent_usd"] += proposal.usage.cost_usd
-        loop["queue"].append({"proposal": proposal_to_dict(proposal), "head": made_on})
+        loop["queue"].append({"proposal": proposal_to_dict(proposal), "head": made_on, "id": uuid.uuid4().hex[:12]})
         self._save_loop(loop)
 
     def _close(self, loop: dict, ahead: Future | None, reason: str | None) -> None:
@@ -135,15 +138,15 @@ class Loop:
         h = self.h
         h.recover()
         self.stop_file.unlink(missing_ok=True)
-        if "baseline" not in h.state:
-            self.say("no baseline for this tag yet: measuring it first")
-            h.baseline()
-        loop = self._loop_state()
         stop = StopSignals(self.stop_file)
         ahead: Future | None = None  # the next proposal, being made while an experiment runs
         reason = None
+        loop = self._loop_state()
         with stop:
             try:
+                if "baseline" not in h.state:
+                    self.say("no baseline for this tag yet: measuring it first")
+                    h.baseline(should_stop=stop)
                 while True:
                     reason = self.budgets.exhausted(loop)
                     if reason is None and stop():
@@ -152,7 +155,7 @@ class Loop:
                         break
                     started = time.perf_counter()
                     if not loop["queue"]:
-                        future, ahead = ahead or self._ask(), None
+                        future, ahead = ahead or self._ask(loop), None
                         waiting = time.perf_counter()
                         proposal, made_on = future.result()
                         self.waited_s += time.perf_counter() - waiting
@@ -163,7 +166,8 @@ class Loop:
                         if stop():  # asked while we waited: the proposal is saved and runs on resume
                             reason = USER_STOP
                             break
-                    proposal, made_on = proposal_from_dict(loop["queue"][0]["proposal"]), loop["queue"][0]["head"]
+                    queued = loop["queue"][0]
+                    proposal, made_on = proposal_from_dict(queued["proposal"]), queued["head"]
                     if made_on != h.ws.head() and proposal.key:
                         # a catalog entry prepared before the last accept: propose again against the new head (free)
                         loop["queue"].pop(0)
@@ -172,9 +176,9 @@ class Loop:
                     # the next proposal is prepared while this one trains
                     if self.prefetch and len(loop["queue"]) == 1 and self.budgets.exhausted(
                             {**loop, "experiments": loop["experiments"] + 1}) is None:
-                        ahead = self._ask()
+                        ahead = self._ask(loop)
                     try:
-                        rows = h.run_proposal(proposal, made_on, should_stop=stop)
+                        rows = h.run_proposal(proposal, made_on, should_stop=stop, proposal_id=queued.get("id", ""))
                     except Stopped:
                         loop["active_s"] += time.perf_counter() - started
                         self._save_loop(loop)
@@ -185,6 +189,8 @@ class Loop:
                     loop["queue"].pop(0)
                     loop["active_s"] += time.perf_counter() - started
                     self._save_loop(loop)
+            except Stopped:  # during the baseline
+                reason = f"{USER_STOP} (the baseline is measured again on resume)"
             finally:
                 self._close(loop, ahead, reason)
         self.say(f"loop stopped: {reason}")

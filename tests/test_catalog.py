@@ -218,11 +218,15 @@ def test_an_entry_in_the_history_is_never_proposed_again():
     assert proposal.key == third and proposal.proposer == "catalog"
     assert proposal.hypothesis == BY_KEY[third].hypothesis
     assert proposal.text.startswith(f"HYPOTHESIS: {proposal.hypothesis}\nRATIONALE: ")
-    # the loop asks for the next edit before the current one is in the ledger: still no repeat
+    # the loop asks for the next edit while the current one trains: the queued one is pending, not yet history
     proposer = CatalogProposer()
     ctx = context()
     assert proposer.propose(ctx).key == first
+    ctx.pending = [{"key": first, "hypothesis": BY_KEY[first].hypothesis}]
     assert proposer.propose(ctx).key == second
+    # an entry dropped from the queue (made against a head that moved) is no longer pending: it comes back
+    ctx.pending = []
+    assert proposer.propose(ctx).key == first
 
 
 def test_entries_that_no_longer_apply_or_change_nothing_are_skipped():

@@ -39,6 +39,7 @@ class Context:
     hardware: str                              # e.g. "CPU: 2 cores, no GPU; torch 2.13.0" or "8x NVIDIA H100 80GB"
     history: list[dict]                        # ledger rows so far: id, hypothesis, decision, reason, speedup, diff
     rules: str                                 # what counts, what is protected, that the length is calibrated
+    pending: list[dict] = field(default_factory=list)  # queued or training now, not in history: {"key", "hypothesis"}
     smoke: Callable[[str], SmokeResult] | None = None  # apply an edit text in a scratch worktree and run the smoke check
 
 

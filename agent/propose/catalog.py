@@ -3,8 +3,9 @@
 Entries (catalog_entries.py) are edits against the baseline nanomodel, ordered by their expected value on the
 target hardware. `propose` returns the first entry that
   - targets this hardware ("any", or "cpu"/"gpu" as detected from the context's hardware line),
-  - was never tried: its key or its hypothesis is in no history row (the ledger survives resumes), and this
-    proposer has not handed it out before (the loop proposes the next edit while the current one runs),
+  - was never tried and is not pending: its key or its hypothesis is in no history row (the ledger survives
+    resumes) and in none of the context's pending proposals (the loop proposes the next edit while the current
+    one trains; an entry made against a head that has since moved is dropped from the queue and comes back),
   - applies to the incumbent's files, checked on a scratch copy; entries that do not apply, or change nothing,
     are recorded in `self.skipped` and passed over.
 """
@@ -125,7 +126,6 @@ class CatalogProposer:
         self.hardware = hardware
         self.entries = {entry.key: entry for entry in ENTRIES}
         self.skipped: list[tuple[str, str]] = []  # (key, reason), one per entry passed over
-        self._handed_out: set[str] = set()
 
     def propose(self, context: Context) -> Proposal | None:
         hardware = self.hardware or detect_hardware(context.hardware)
@@ -133,11 +133,12 @@ class CatalogProposer:
         for entry in self.entries.values():
             if entry.key not in order:
                 self._skip(entry.key, f"targets {entry.hardware}, the hardware is {hardware}")
-        tried_keys = {row.get("key") for row in context.history}
-        tried_hypotheses = {(row.get("hypothesis") or "").strip() for row in context.history}
+        seen = context.history + context.pending
+        tried_keys = {row.get("key") for row in seen}
+        tried_hypotheses = {(row.get("hypothesis") or "").strip() for row in seen}
         for key in order:
             entry = self.entries[key]
-            if key in self._handed_out or key in tried_keys or entry.hypothesis in tried_hypotheses:
+            if key in tried_keys or entry.hypothesis in tried_hypotheses:
                 continue
             try:
                 text = render(entry, context.files)
@@ -148,7 +149,6 @@ class CatalogProposer:
             if problem:
                 self._skip(key, problem)
                 continue
-            self._handed_out.add(key)
             return Proposal(text=text, proposer=self.name, hypothesis=entry.hypothesis, key=key)
         return None
 

@@ -195,6 +195,9 @@ def context_message(context: Context, tools: bool) -> str:
                      "are already in the files you see.")
     else:
         parts.append("# Experiments so far\nNone yet.")
+    if context.pending:
+        parts.append("# Being tried now (do not propose these again)\n" + "\n".join(
+            f"- {_cut(p.get('hypothesis'), HISTORY_FIELD_CHARS)}" for p in context.pending))
     parts.append("Propose your next edit." + (" Look at the code as you need, then call submit_edit." if tools
                                               else " Reply with the edit only."))
     return "\n\n".join(parts)
