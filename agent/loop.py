@@ -1,15 +1,16 @@
 """`ratchet run`: propose -> harness -> judge -> git, all night, within budgets, resumable.
 
 The GPUs never wait on the LLM when the LLM is faster than an experiment: while experiment k trains, a background
-thread asks the proposer for experiment k+1. Every proposal that arrived and has not run yet is saved in state.json
-(the queue), so a resume runs the same edits (and an LLM is not paid twice for one). A budget stop waits for the
-proposal being made and queues it; a user's stop does not wait, and keeps it only if it has already arrived.
+thread asks the proposer for experiment k+1. Every proposal is saved in runs/<tag>/loop.json (the queue) the
+moment it arrives, until it has run, so a resume runs the same edits (and an LLM is not paid twice for one). A
+budget stop waits for the proposal being made; a user's stop does not wait, and keeps it only if it has arrived.
 
 Stopping: `ratchet stop`, a STOP file in runs/<tag>/, SIGTERM or a first Ctrl-C finish the current training run
 and stop cleanly (the unfinished experiment re-runs on resume); a second Ctrl-C kills the run at once. No run
 outlives the loop: a proposer's smoke run in flight is killed, and a proposal still being made (a daemon thread)
 can start no other.
 """
+import json
 import signal
 import threading
 import time
@@ -17,6 +18,7 @@ import uuid
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from agent.harness import Harness, Stopped
 from agent.propose.base import Proposal, Proposer, Usage
@@ -31,12 +33,16 @@ class Budgets:
     hours: float | None = None           # active loop time for this tag, across resumes
     budget_usd: float | None = None      # LLM spend for this tag, across resumes
 
-    def exhausted(self, loop: dict) -> str | None:
-        if self.max_experiments is not None and loop["experiments"] >= self.max_experiments:
+    def exhausted(self, loop: dict, asking: bool = False) -> str | None:
+        """Why the loop must stop now, or with asking=True why it must not ask for one more proposal ahead (that
+        proposal counts as one more experiment). The spend budget only stops asking: queued proposals are paid
+        for, so they run first."""
+        experiments = loop["experiments"] + asking
+        if self.max_experiments is not None and experiments >= self.max_experiments:
             return f"max experiments reached ({loop['experiments']})"
         if self.hours is not None and loop["active_s"] >= self.hours * 3600:
             return f"time budget reached ({loop['active_s'] / 3600:.2f} h)"
-        if self.budget_usd is not None and loop["spent_usd"] >= self.budget_usd:
+        if self.budget_usd is not None and loop["spent_usd"] >= self.budget_usd and (asking or not loop["queue"]):
             return f"spend budget reached (${loop['spent_usd']:.2f})"
         return None
 
@@ -82,54 +88,76 @@ class Loop:
         self.budgets = budgets
         self.say = console.print if console is not None else print
         self.stop_file = harness.ledger.dir / "STOP"
+        self.path = harness.ledger.dir / "loop.json"  # budgets used and the queue, across resumes
         self.prefetch = prefetch  # False: ask for the next proposal only once the experiment is done (bench_loop)
         self.waited_s = 0.0       # seconds the loop waited for a proposal with the devices idle (bench_loop)
+        # loop.json is changed by this thread and by the proposer thread (a proposal is queued the moment it
+        # arrives); every change is a read-modify-write under this lock. `closed`: the loop has exited, and a
+        # proposal that arrives now is not queued (a user's stop does not wait for one).
+        self.lock = threading.Lock()
+        self.closed = False
 
-    # --- loop state, persisted in state.json under "loop"
-    def _loop_state(self) -> dict:
-        state = self.h.state
-        return state.get("loop") or {"experiments": 0, "active_s": 0.0, "spent_usd": 0.0, "queue": [],
-                                     "proposer": self.proposer.name}
+    # --- loop.json
+    def _load(self) -> dict:
+        """loop.json, or the state of a loop that has not started (call it under the lock)."""
+        if self.path.exists():
+            return json.loads(self.path.read_text())
+        return {"experiments": 0, "active_s": 0.0, "spent_usd": 0.0, "queue": [], "proposer": self.proposer.name}
 
-    def _save_loop(self, loop: dict) -> None:
-        state = self.h.state
-        state["loop"] = loop
-        self.h.ledger.save_state(state)
+    def _read(self) -> dict:
+        with self.lock:
+            return self._load()
 
-    def _propose(self, pending: list[dict]) -> tuple[Proposal | None, str]:
-        """(proposal, the head it was made against)."""
-        head = self.h.ws.head()
-        return self.proposer.propose(self.h.context(head, pending)), head
+    def _update(self, change: Callable[[dict], None]) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            loop = self._load()
+            change(loop)
+            self.h.ledger.write_json(self.path, loop)
 
-    def _ask(self, loop: dict) -> Future:
-        """Ask the proposer in a daemon thread: a proposal still in flight never holds up the exit. The queued
-        proposals (the one training now among them) go into its context, so it does not propose them again."""
-        pending = [{"key": q["proposal"]["key"], "hypothesis": q["proposal"]["hypothesis"]} for q in loop["queue"]]
+    def _enqueue(self, proposal: Proposal, made_on: str) -> None:
+        """A proposal has arrived: it is paid for, and saved at once until it has run (a kill -9 loses nothing)."""
+        def add(loop):
+            loop["spent_usd"] += proposal.usage.cost_usd
+            loop["queue"].append({"proposal": proposal_to_dict(proposal), "head": made_on, "id": uuid.uuid4().hex[:12]})
+        self._update(add)
+
+    def _dequeue(self, queued: dict, **changes) -> None:
+        def drop(loop):
+            loop["queue"] = [q for q in loop["queue"] if q["id"] != queued["id"]]
+            loop.update(changes)
+        self._update(drop)
+
+    # --- the proposer, in a daemon thread: a proposal still in flight never holds up the exit
+    def _ask(self) -> Future:
+        """The next proposal, made against the current head; it queues itself on arrival. The queued proposals
+        (the one training now among them) go into the context, so the proposer does not make them again."""
+        pending = [{"key": q["proposal"]["key"], "hypothesis": q["proposal"]["hypothesis"]}
+                   for q in self._read()["queue"]]
         future = Future()
 
         def work():
             try:
-                future.set_result(self._propose(pending))
+                head = self.h.ws.head()
+                proposal = self.proposer.propose(self.h.context(head, pending))
+                if proposal is not None:
+                    self._enqueue(proposal, head)
+                future.set_result(proposal)
             except BaseException as e:  # noqa: BLE001 (as concurrent.futures does: the waiting thread re-raises it)
                 future.set_exception(e)
         threading.Thread(target=work, name="propose", daemon=True).start()
         return future
 
-    def _enqueue(self, loop: dict, proposal: Proposal, made_on: str) -> None:
-        """A proposal has arrived: it is paid for, and saved until it has run."""
-        loop["spent_usd"] += proposal.usage.cost_usd
-        loop["queue"].append({"proposal": proposal_to_dict(proposal), "head": made_on, "id": uuid.uuid4().hex[:12]})
-        self._save_loop(loop)
-
-    def _close(self, loop: dict, ahead: Future | None, reason: str | None) -> None:
-        """At exit: queue the proposal made ahead (waiting for it after a budget stop, taking it only if it has
-        arrived after a user's stop or an interrupt), then make sure no run outlives the loop: the harness's
+    def _close(self, ahead: Future | None, reason: str | None) -> None:
+        """At exit: after a budget stop, wait for the proposal being made (it queues itself); after a user's stop
+        or an interrupt, keep it only if it has arrived. Then make sure no run outlives the loop: the harness's
         devices stay locked from here on (one Loop per Harness, as `ratchet run` makes them)."""
         budget_stop = reason is not None and not reason.startswith(USER_STOP)
-        if ahead is not None and (ahead.done() or budget_stop) and ahead.exception() is None:
-            proposal, made_on = ahead.result()
-            if proposal is not None:
-                self._enqueue(loop, proposal, made_on)
+        if ahead is not None and budget_stop:
+            ahead.exception()  # waits; a proposer error is not this exit's business
+        with self.lock:
+            self.closed = True
         scratch = f"{self.h.ledger.dir / 'scratch'}/"  # where proposers' smoke runs live (Harness.smoke_check)
         while not self.h.device_lock.acquire(timeout=1.0):  # held until exit: no smoke run starts after this
             kill_leftovers(scratch)
@@ -141,57 +169,52 @@ class Loop:
         stop = StopSignals(self.stop_file)
         ahead: Future | None = None  # the next proposal, being made while an experiment runs
         reason = None
-        loop = self._loop_state()
         with stop:
             try:
                 if "baseline" not in h.state:
                     self.say("no baseline for this tag yet: measuring it first")
                     h.baseline(should_stop=stop)
                 while True:
-                    reason = self.budgets.exhausted(loop)
-                    if reason is None and stop():
-                        reason = USER_STOP
+                    loop = self._read()
+                    reason = self.budgets.exhausted(loop) or (USER_STOP if stop() else None)
                     if reason:
                         break
                     started = time.perf_counter()
                     if not loop["queue"]:
-                        future, ahead = ahead or self._ask(loop), None
+                        future, ahead = ahead or self._ask(), None
                         waiting = time.perf_counter()
-                        proposal, made_on = future.result()
+                        proposal = future.result()
                         self.waited_s += time.perf_counter() - waiting
                         if proposal is None:
                             reason = "the proposer has nothing left"
                             break
-                        self._enqueue(loop, proposal, made_on)
                         if stop():  # asked while we waited: the proposal is saved and runs on resume
                             reason = USER_STOP
                             break
+                        loop = self._read()
                     queued = loop["queue"][0]
                     proposal, made_on = proposal_from_dict(queued["proposal"]), queued["head"]
                     if made_on != h.ws.head() and proposal.key:
                         # a catalog entry prepared before the last accept: propose again against the new head (free)
-                        loop["queue"].pop(0)
-                        self._save_loop(loop)
+                        self._dequeue(queued)
                         continue
                     # the next proposal is prepared while this one trains
-                    if self.prefetch and len(loop["queue"]) == 1 and self.budgets.exhausted(
-                            {**loop, "experiments": loop["experiments"] + 1}) is None:
-                        ahead = self._ask(loop)
+                    if self.prefetch and len(loop["queue"]) == 1 and self.budgets.exhausted(loop, asking=True) is None:
+                        ahead = self._ask()
                     try:
-                        rows = h.run_proposal(proposal, made_on, should_stop=stop, proposal_id=queued.get("id", ""))
+                        h.run_proposal(proposal, made_on, should_stop=stop, proposal_id=queued.get("id", ""))
                     except Stopped:
-                        loop["active_s"] += time.perf_counter() - started
-                        self._save_loop(loop)
+                        elapsed = time.perf_counter() - started
+                        self._update(lambda loop: loop.update(active_s=loop["active_s"] + elapsed))
                         reason = f"{USER_STOP} (the interrupted experiment re-runs on resume)"
                         break
-                    loop = self._loop_state()
-                    loop["experiments"] += len(rows)
-                    loop["queue"].pop(0)
-                    loop["active_s"] += time.perf_counter() - started
-                    self._save_loop(loop)
+                    # counted from the ledger: a resume that finishes a half-done experiment counts it once
+                    done = sum(1 for r in h.ledger.rows() if r.get("proposal_id"))
+                    self._dequeue(queued, experiments=done,
+                                  active_s=loop["active_s"] + time.perf_counter() - started)
             except Stopped:  # during the baseline
                 reason = f"{USER_STOP} (the baseline is measured again on resume)"
             finally:
-                self._close(loop, ahead, reason)
+                self._close(ahead, reason)
         self.say(f"loop stopped: {reason}")
         return reason

@@ -1,9 +1,12 @@
 """A scratch target repo with a stand-in trainer, for fast tests of the harness and the loop.
 
 The repo holds the real nanomodel model code (the evaluator builds it) and `nanomodel/fake_train.py`, which
-sleeps instead of training and copies a tiny untrained model as final.pt. Its speed, its crashes and its NaNs
-are constants at the top of the file that test edits change, so every verdict has a known right answer.
+sleeps instead of training and copies a tiny model as final.pt: untrained, or (WEIGHTS) one trained for a few
+steps, whose val loss is lower. Its speed, length, quality, crashes and NaNs are constants at the top of the
+file that test edits change, so every verdict has a known right answer.
 """
+import functools
+import io
 import json
 import shutil
 from pathlib import Path
@@ -12,16 +15,18 @@ import git
 import torch
 
 from agent import cli
+from nanomodel.data import read_shard, train_shards
 from nanomodel.model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
-FAKE_TRAIN = '''"""Stand-in trainer: sleeps STEPS x SLEEP seconds, prints progress, copies a tiny untrained model as final.pt."""
+FAKE_TRAIN = '''"""Stand-in trainer: sleeps STEPS x SLEEP seconds, prints progress, copies a tiny model as final.pt."""
 import os, shutil, sys, time
 SLEEP = 0.1
 STEPS = 8
 LOSS = 5.0
 CRASH = False
+WEIGHTS = "fake_weights.pt"
 
 if "--steps" in sys.argv:  # the smoke run's override
     STEPS = int(sys.argv[sys.argv.index("--steps") + 1])
@@ -32,7 +37,7 @@ for step in range(1, STEPS + 1):
         1 / 0
     print(f"step {step}/{STEPS} loss {LOSS - step * 0.01:.4f} elapsed {time.perf_counter() - t0:.2f}s", flush=True)
 # the same weights every run (no torch import: runs stay short, and the val loss is no source of noise)
-shutil.copy(os.path.join(os.path.dirname(__file__), "fake_weights.pt"), os.path.join(os.environ["RATCHET_RUN_DIR"], "final.pt"))
+shutil.copy(os.path.join(os.path.dirname(__file__), WEIGHTS), os.path.join(os.environ["RATCHET_RUN_DIR"], "final.pt"))
 '''
 FAKE_CONFIG = {"vocab_size": 4096, "seq_len": 64, "n_layer": 1, "n_head": 2, "n_embd": 16}
 SETTINGS = """
@@ -57,7 +62,15 @@ max_pairs = 6
 [abort]
 pace_slack = 0.3
 min_fraction = 0.25
+[length]
+file = "nanomodel/fake_train.py"
+pattern = 'STEPS = (\\d+)'
 """
+
+# a better model at the same length (a lower curve, weights with a lower val loss): no faster as it stands, a win
+# once step calibration shortens it. (SEARCH, REPLACE, hypothesis)
+QUALITY = ('LOSS = 5.0\nCRASH = False\nWEIGHTS = "fake_weights.pt"',
+           'LOSS = 4.0\nCRASH = False\nWEIGHTS = "fake_trained.pt"', "train for real")
 
 
 def edit(old: str, new: str, hypothesis: str, path: str = "nanomodel/fake_train.py") -> str:
@@ -70,8 +83,8 @@ def make_repo(root: Path, dataset: Path) -> Path:
     for package in ("nanomodel", "kernels"):
         shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     (root / "nanomodel" / "fake_train.py").write_text(FAKE_TRAIN)
-    torch.manual_seed(0)
-    torch.save({"config": FAKE_CONFIG, "model": build_model(FAKE_CONFIG).state_dict()}, root / "nanomodel" / "fake_weights.pt")
+    for name, weights in weight_files(dataset).items():
+        (root / "nanomodel" / name).write_bytes(weights)
     (root / ".gitignore").write_text("runs/\n")
     (root / "ratchet.toml").write_text(SETTINGS.format(dataset=dataset))
     r = git.Repo.init(root)
@@ -80,6 +93,33 @@ def make_repo(root: Path, dataset: Path) -> Path:
     r.git.add("-A")
     r.git.commit("-m", "target repo")
     return root
+
+
+@functools.cache
+def weight_files(dataset: Path) -> dict[str, bytes]:
+    """The stand-in's two final.pt files, made once per test process: the tiny model untrained (val loss ~8.3) and
+    after a few training steps (~7.0)."""
+    files = {}
+    for name, steps in (("fake_weights.pt", 0), ("fake_trained.pt", 20)):
+        torch.manual_seed(0)
+        model = trained(build_model(FAKE_CONFIG), dataset, steps)
+        buffer = io.BytesIO()
+        torch.save({"config": FAKE_CONFIG, "model": model.state_dict()}, buffer)
+        files[name] = buffer.getvalue()
+    return files
+
+
+def trained(model: torch.nn.Module, dataset: Path, steps: int) -> torch.nn.Module:
+    """`model` after `steps` AdamW steps on the start of the training split."""
+    tokens = torch.from_numpy(read_shard(train_shards(dataset)[0])[:steps * 16 * 65].astype("int64"))
+    windows = tokens.view(steps, 16, 65)  # [step, batch, seq_len + 1]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for batch in windows:
+        logits = model(batch[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model
 
 
 def ratchet(capsys, *args) -> dict:

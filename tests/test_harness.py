@@ -12,7 +12,7 @@ import pytest
 
 from agent import cli
 from agent.workspace import trailers
-from tests.fakerepo import REPO, edit, ledger, make_repo, ratchet
+from tests.fakerepo import QUALITY, REPO, edit, ledger, make_repo, ratchet
 
 
 @pytest.fixture
@@ -92,6 +92,47 @@ def test_verdicts_commits_and_replay(repo, capsys, tmp_path):
     rec = out["commits"][0]
     assert rec["recorded_speedup"] == pytest.approx(1 - out_accepted["candidate_s"] / out_accepted["incumbent_s"], abs=0.01)  # trailer times have 2 decimals
     assert rec["speedup"] > 0.2
+
+
+def test_a_quality_win_is_rejected_as_it_stands_and_accepted_with_a_calibrated_length(repo, capsys, tmp_path, dataset,
+                                                                                     monkeypatch):
+    """Issue #6 on the stand-in: without calibration the better model is rejected (same time); with it, the
+    judge stops at its first look, a shorter variant (the [length] knob, STEPS) is judged in full and accepted as
+    one commit whose diff holds the new length and whose message says so; replay reproduces it."""
+    patch = tmp_path / "quality.txt"
+    patch.write_text(edit(*QUALITY))
+    settings = repo / "ratchet.toml"  # without calibration: one look decides
+    settings.write_text(settings.read_text().replace("max_pairs = 6", "max_pairs = 4"))
+    for root in (repo, make_repo(tmp_path / "calibrated", dataset)):
+        monkeypatch.chdir(root)
+        ratchet(capsys, "baseline")
+
+    monkeypatch.chdir(repo)
+    out = ratchet(capsys, "try", str(patch), "--no-calibrate")
+    assert out["decision"] == "rejected" and len(out["experiments"]) == 1
+    assert out["val_loss"] < 7.5 < ledger(repo)[0]["val_loss"]  # much better than the untrained incumbent...
+    assert out["reason"].startswith(("speedup", "not significant", "slower"))  # ...and no faster
+
+    monkeypatch.chdir(tmp_path / "calibrated")
+    out = ratchet(capsys, "try", str(patch))
+    first, second = out["experiments"]
+    rows = ledger(tmp_path / "calibrated")
+    parent, derived = rows[-2], rows[-1]
+    assert first["decision"] == "rejected" and first["reason"].endswith("at the first look: calibrate")
+    assert len(parent["runs"]) == 8  # the first of two looks (4 pairs of 6), then calibration took over
+    assert derived["kind"] == "calibrate" and derived["calibrates"] == parent["id"]
+    assert (derived["steps_before"], derived["steps_after"]) == (8, 3)  # the curve meets the target at once: the floor
+    assert out["decision"] == "accepted" and out["id"] == second["id"] == derived["id"] and out["speedup"] > 0.3
+    r = git.Repo(tmp_path / "calibrated")
+    head = r.git.rev_parse("ratchet/default")
+    assert head == out["commit"] and r.git.rev_parse(f"{head}^") == parent["parent"]
+    diff = r.git.show(head)
+    assert "+STEPS = 3" in diff and '+WEIGHTS = "fake_trained.pt"' in diff
+    t = trailers(r.git.log("-1", "--format=%B", head))
+    assert t["Ratchet-Calibrated"] == f"steps 8 -> 3 (from default/{parent['id']})"
+
+    out = ratchet(capsys, "replay", head)
+    assert out["decision"] == "reproduced", out
 
 
 def test_noop_edit_is_not_significant(repo, capsys, tmp_path):

@@ -22,7 +22,7 @@ import pytest
 from agent import cli
 from agent.workspace import trailers
 from tests.fakellm import FakeLLM, Step, call, reply
-from tests.fakerepo import REPO, ledger, make_repo, ratchet
+from tests.fakerepo import QUALITY, REPO, ledger, make_repo, ratchet
 
 SECRET = "sk-test-SECRET-1234567890"  # the fake API key: it must reach the server and nothing Ratchet writes
 TRAINER = "nanomodel/fake_train.py"
@@ -165,6 +165,10 @@ def state(root: Path) -> dict:
     return json.loads((root / "runs" / "default" / "state.json").read_text())
 
 
+def loop_state(root: Path) -> dict:
+    return json.loads((root / "runs" / "default" / "loop.json").read_text())
+
+
 def branch_diff(root: Path) -> str:
     r = git.Repo(root)
     return r.git.diff(r.git.rev_parse("HEAD"), "ratchet/default")
@@ -269,7 +273,7 @@ def test_budget_usd_stops_when_the_spend_reaches_it(repo, capsys, monkeypatch):
     rows = experiments(repo)
     assert [r["hypothesis"] for r in rows] == [NAN[2], INF[2]] and len(server.requests) == 2
     assert [r["usage"]["cost_usd"] for r in rows] == [pytest.approx(0.25)] * 2
-    loop = state(repo)["loop"]
+    loop = loop_state(repo)
     assert loop["spent_usd"] == pytest.approx(0.5) and loop["queue"] == []
 
 
@@ -281,7 +285,7 @@ def test_hours_budget_stops_and_keeps_the_proposal_made_ahead(repo, capsys, monk
         out = run_openai(capsys, server, "--hours", "0.0001")
         assert out["reason"].startswith("time budget reached")
         assert [r["hypothesis"] for r in experiments(repo)] == [NAN[2]]
-        loop = state(repo)["loop"]
+        loop = loop_state(repo)
         assert [q["proposal"]["hypothesis"] for q in loop["queue"]] == [INF[2]]
         assert loop["active_s"] >= 0.36
 
@@ -357,7 +361,7 @@ def test_kill_9_mid_experiment_then_resume_matches_an_uninterrupted_run(template
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         s = state(killed)
-        assert s["inflight"]["id"] == "0003" and [q["proposal"]["hypothesis"] for q in s["loop"]["queue"]] == [FASTER[2]]
+        assert s["inflight"]["id"] == "0003" and [q["proposal"]["hypothesis"] for q in loop_state(killed)["queue"]] == [FASTER[2]]
         assert [r["id"] for r in ledger(killed)] == ["0001", "0002"] and len(server.requests) == 2
 
         code, out, err = finish(start(killed, server, *args))
@@ -377,6 +381,36 @@ def test_kill_9_mid_experiment_then_resume_matches_an_uninterrupted_run(template
         assert not any((root / "runs" / "default" / "worktrees").iterdir())
         assert leftover_processes(root) == []
         assert files_holding(root, SECRET) == []
+
+
+def test_kill_9_during_calibration_then_resume_finishes_it_once(template, tmp_path, start):
+    """kill -9 while the calibrated variant of an edit trains: the resume reuses the parent's verdict from the
+    ledger and runs only the variant (re-running the parent would reject it as a duplicate of itself); branch,
+    ledger and experiment count equal an uninterrupted run's."""
+    killed, whole = copy_of(template, tmp_path / "killed"), copy_of(template, tmp_path / "whole")
+    args = ("--max-experiments", "2")
+    with FakeLLM([submit(*QUALITY), submit(*NAN)]) as server, FakeLLM([submit(*QUALITY), submit(*NAN)]) as reference:
+        uninterrupted = start(whole, reference, *args)
+        proc = start(killed, server, *args)
+        variant = killed / "runs" / "default" / "exp-0003"
+        assert wait_for(lambda: any(variant.glob("run-*/train.log")) or proc.poll() is not None, timeout=300)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert state(killed)["inflight"]["id"] == "0003" and [r["id"] for r in ledger(killed)] == ["0001", "0002"]
+
+        code, out, err = finish(start(killed, server, *args))
+        assert code == 0 and out["reason"] == "max experiments reached (2)", err[-2000:]
+        code, out, err = finish(uninterrupted)
+        assert code == 0 and out["reason"] == "max experiments reached (2)", err[-2000:]
+        assert len(server.requests) == len(reference.requests) == 2  # the edit, and the next one asked ahead
+
+    def outcome(root):
+        return [(r["id"], r["kind"], r["decision"], r.get("calibrates"), r.get("steps_after")) for r in ledger(root)]
+    assert outcome(killed) == outcome(whole) == [("0001", "baseline", "baseline", None, None),
+                                                 ("0002", "run", "rejected", None, None),
+                                                 ("0003", "calibrate", "accepted", "0002", 3)]
+    assert branch_diff(killed) == branch_diff(whole) and "+STEPS = 3" in branch_diff(killed)
+    assert [q["proposal"]["hypothesis"] for q in loop_state(killed)["queue"]] == [NAN[2]]
 
 
 def test_stop_sigterm_and_ctrl_c_then_resume(repo, start):
