@@ -4,7 +4,8 @@ In a speedrun the prize is time to a target loss. An edit that makes the model l
 number of steps is not faster, so the judge rejects it and the idea would be lost. Calibration re-runs such an
 edit with the length knob (ratchet.toml [length]) moved, through the full judge:
 
-- shorter: the candidate beat the target by more than the seed-to-seed noise but was not significantly faster.
+- shorter: the candidate beat the target, and the incumbent's loss in the same experiment, by more than the
+  seed-to-seed noise (`beats`) but was not significantly faster.
   First guess: the step at which the candidate's training-loss curve reaches the incumbent's final loss (shifted
   by the target's margin). A run that *ends* there decays its learning rate sooner and ends lower than the long
   run at that step, so the guess errs on the safe side.
@@ -121,6 +122,16 @@ class Bracket:
         return None if guess in tried else guess
 
 
+def beats(val: float, target: float, incumbent_vals: list[float], noise: float) -> bool:
+    """The candidate learns clearly better than it needs to: its val loss is below both the target and the
+    incumbent's (the same experiment's runs, on the same seeds) by more than the seed-to-seed noise. Below the
+    target alone is not enough: with a baseline target (mean + tolerance) the incumbent itself is, and a shorter
+    run of an edit that changes nothing about learning is a plain step cut, which spends the tolerance."""
+    incumbent = [v for v in incumbent_vals if v is not None]
+    level = min(target, float(np.mean(incumbent))) if incumbent else target
+    return val < level - noise
+
+
 @dataclass
 class Plan:
     direction: str      # "shorter" | "longer"
@@ -140,15 +151,16 @@ def plan(row: dict, length: int, target: float, noise: float, min_speedup: float
     cand = [r for r in runs if r["arm"] == "candidate" and r["status"] == "ok"]
     inc = [r for r in runs if r["arm"] == "incumbent" and r["status"] == "ok"]
     floor, ceiling = max(1, math.ceil(min_fraction * length)), math.floor(max_fraction * length)
-    if val < target - noise:
+    inc_vals = [r.get("val_loss") for r in inc]
+    if beats(val, target, inc_vals, noise):
         # better than needed: its margin below the target, in the incumbent's train-loss terms
-        inc_val = np.mean([r["val_loss"] for r in inc if r.get("val_loss") is not None] or [target])
+        inc_val = np.mean([v for v in inc_vals if v is not None] or [target])
         guess = shorter_guess(cand, inc, length, margin=target - inc_val)
         if guess is None:
             return None, "the candidate's loss curve never reaches the incumbent's final loss early"
         first = max(floor, min(length - 1, guess))
         return Plan("shorter", length, first, Bracket(lo=None, hi=length, floor=floor, ceiling=length)), \
-            f"val loss {val:.4f} beats target {target:.4f} by more than the noise {noise:.4f}"
+            f"val loss {val:.4f} beats target {target:.4f} and the incumbent's {inc_val:.4f} by more than the noise {noise:.4f}"
     gap = val - target
     if gap > 0 and row.get("reason", "").startswith("val loss") and gap <= max(5 * noise, 0.05):
         fixed, per_step = seconds_model(cand, length)

@@ -269,21 +269,20 @@ class Harness:
         calibrate = self.settings.length.calibrate if calibrate is None else calibrate
         pid = (extra or {}).get("proposal_id")
         earlier = [r for r in self.ledger.rows() if pid and r.get("proposal_id") == pid]
-        bar = self._quality_bar() if calibrate else None
+        noise = self._noise() if calibrate else None
         first = next((r for r in earlier if r["kind"] != "calibrate"), None)
-        rows = [] if first else [self.try_edit(text, proposer, kind, extra, should_stop, calibrate_below=bar)]
+        rows = [] if first else [self.try_edit(text, proposer, kind, extra, should_stop, calibrate_noise=noise)]
         if calibrate:
             done = {r["steps_after"]: r for r in earlier if r["kind"] == "calibrate"}
-            rows += self._calibrate(text, first or rows[0], proposer, extra, should_stop, bar, done)
+            rows += self._calibrate(text, first or rows[0], proposer, extra, should_stop, noise, done)
         return rows
 
-    def _quality_bar(self) -> float:
-        """Val loss below which an edit is clearly better than needed: the target minus the seed-to-seed noise."""
+    def _noise(self) -> float:
+        """The seed-to-seed sd of the baseline's val loss (at least [target] min_tolerance)."""
         base = self.require_baseline()["baseline"]
-        noise = max(float(np.std(base["val_losses"], ddof=1)), self.settings.target.min_tolerance)
-        return base["target"] - noise
+        return max(float(np.std(base["val_losses"], ddof=1)), self.settings.target.min_tolerance)
 
-    def _calibrate(self, text: str, row: dict, proposer: str, extra: dict | None, should_stop, bar: float,
+    def _calibrate(self, text: str, row: dict, proposer: str, extra: dict | None, should_stop, noise: float,
                    done: dict) -> list[dict]:
         """Derived attempts at other lengths; `done`: attempts already in the ledger (by step count), reused."""
         L, base = self.settings.length, self.require_baseline()["baseline"]
@@ -295,7 +294,7 @@ class Harness:
             return []
         if length is None:
             return []
-        plan, why = calibrate.plan(row, length, base["target"], base["target"] - bar, self.settings.judge.min_speedup,
+        plan, why = calibrate.plan(row, length, base["target"], noise, self.settings.judge.min_speedup,
                                    L.min_fraction, L.max_fraction)
         if plan is None:
             return []
@@ -305,7 +304,7 @@ class Harness:
             r = done.get(steps) or self.try_edit(
                 text, proposer, "calibrate", {**(extra or {}), "calibrates": row["id"], "steps_before": length,
                                               "steps_after": steps, "calibration": why},
-                should_stop, length=steps, calibrate_below=bar)
+                should_stop, length=steps, calibrate_noise=noise)
             if steps not in done:
                 rows.append(r)
             if r["decision"] == "accepted" or not (r.get("verdict") or {}).get("val_loss_mean"):
@@ -317,11 +316,11 @@ class Harness:
         return rows
 
     def try_edit(self, text: str, proposer: str = "manual", kind: str = "try", extra: dict | None = None,
-                 should_stop=lambda: False, length: int | None = None, calibrate_below: float | None = None) -> dict:
+                 should_stop=lambda: False, length: int | None = None, calibrate_noise: float | None = None) -> dict:
         """Take an edit (either format) through the whole pipeline; returns its ledger row.
         `length`: write this step count into the length knob after the edit (a calibrated variant).
-        `calibrate_below`: a val loss under which the judge stops at its first look if the edit is not yet
-        significantly faster (a calibrated length is the better use of the runs; see `_judge`).
+        `calibrate_noise`: calibration follows, with this seed-to-seed noise; a clearly better edit that is not yet
+        significantly faster stops at the judge's first look (see `_judge`).
         `should_stop` is asked between runs; when it says yes, Stopped is raised and the experiment stays in flight."""
         self.recover()
         state = self.require_baseline()
@@ -371,7 +370,7 @@ class Harness:
                                     "policy: " + policy.format_findings(policy.rejecting(findings)))
             inc_wt = self.ws.add_worktree("incumbent", parent)
             decision, reason, verdict = self._judge(cand_wt, inc_wt, exp_dir, row, state["incumbent"],
-                                                    state["baseline"]["target"], calibrate_below)
+                                                    state["baseline"]["target"], calibrate_noise)
             row["verdict"] = verdict
             return self._finish(row, exp_dir, cand_wt, decision, reason)
         except guard.IntegrityError as e:
@@ -382,11 +381,11 @@ class Harness:
                     self.ws.remove_worktree(wt)
 
     def _judge(self, cand_wt: Path, inc_wt: Path, exp_dir: Path, row: dict, incumbent: dict, target: float,
-               calibrate_below: float | None = None):
+               calibrate_noise: float | None = None):
         """Smoke run, then interleaved timed runs until the judge decides. -> (decision, reason, verdict dict)
 
-        With `calibrate_below`, a candidate whose val loss is under it at the judge's first look but not yet
-        significantly faster is rejected there: it learns better than it needs to, so the same number of runs is
+        With `calibrate_noise`, a candidate that clearly learns better (calibrate.beats) at the judge's first look
+        but is not yet significantly faster is rejected there: it learns better than it needs to, so the runs are
         better spent on a shorter variant (calibration) than on proving a small speedup at full length. This
         only removes acceptances, so it cannot raise the judge's false-accept rate."""
         s = self.settings
@@ -429,9 +428,10 @@ class Harness:
             judge.add(arm, m.seconds, m.val_loss)
             verdict = judge.verdict()
             first_look = len(judge.runs) == 2 * judge.params.min_pairs
-            if (verdict.state == "continue" and first_look and calibrate_below is not None
-                    and verdict.val_loss_mean < calibrate_below):
-                return "rejected", (f"val loss {verdict.val_loss_mean:.4f} beats the target by more than the noise "
+            if (verdict.state == "continue" and first_look and calibrate_noise is not None and calibrate.beats(
+                    verdict.val_loss_mean, target, [r["val_loss"] for r in row["runs"] if r["arm"] == INCUMBENT],
+                    calibrate_noise)):
+                return "rejected", (f"val loss {verdict.val_loss_mean:.4f} beats the target and the incumbent by more than the noise "
                                     f"and not significantly faster at the first look: calibrate"), asdict(verdict)
         return verdict.state, verdict.reason, asdict(verdict)
 
