@@ -569,3 +569,15 @@ def normalized_diff(diff_text: str) -> str:
 def edit_fingerprint(diff_text: str) -> str:
     """sha256 hex digest of normalized_diff(diff_text)."""
     return hashlib.sha256(normalized_diff(diff_text).encode("utf-8")).hexdigest()
+
+
+def tree_fingerprint(old_root: Path, new_root: Path, paths) -> str:
+    """edit_fingerprint of the change from old_root to new_root in `paths` (repo-relative; a missing file is
+    empty). One diff generator (difflib) for every caller: the harness on a candidate worktree and a proposer's
+    smoke check on a scratch copy give the same fingerprint for the same change."""
+    def lines(root: Path, rel: str) -> list[str]:
+        path = Path(root) / rel
+        return path.read_text(errors="replace").splitlines(keepends=True) if path.is_file() else []
+    diff = "".join("".join(difflib.unified_diff(lines(old_root, rel), lines(new_root, rel), f"a/{rel}", f"b/{rel}"))
+                   for rel in sorted(set(paths)))
+    return edit_fingerprint(diff)

@@ -30,7 +30,7 @@ import numpy as np
 
 import agent as agent_pkg
 from agent import calibrate, guard, policy, sandbox
-from agent.edits import EditError, apply_edit, edit_fingerprint, parse_edit
+from agent.edits import EditError, apply_edit, parse_edit, tree_fingerprint
 from agent.evaluate import evaluate
 from agent.judge import CANDIDATE, INCUMBENT, Judge, JudgeParams, target_from_baseline
 from agent.ledger import Ledger
@@ -353,16 +353,17 @@ class Harness:
                 changed = apply_edit(edit, cand_wt)
                 if length is not None:
                     calibrate.set_length(cand_wt, self.settings.length.file, self.settings.length.pattern, length)
+                    changed = [*changed, self.settings.length.file]
             except (EditError, calibrate.LengthError) as e:
                 return self._finish(row, exp_dir, None, "rejected", f"edit does not apply: {e}")
             commit = self.ws.commit(cand_wt, edit.hypothesis or "ratchet edit")
             row["diff"] = self.ws.diff(commit)
             if not row["diff"].strip():
                 return self._finish(row, exp_dir, cand_wt, "rejected", "no change")
-            row["fingerprint"] = edit_fingerprint(row["diff"])
-            duplicate = next((r["id"] for r in self.ledger.rows() if r.get("fingerprint") == row["fingerprint"]), None)
+            row["fingerprint"] = tree_fingerprint(self.snapshot(parent), cand_wt, changed)
+            duplicate = self._duplicate_of(row["fingerprint"])
             if duplicate:
-                return self._finish(row, exp_dir, cand_wt, "rejected", f"duplicate of experiment {duplicate}")
+                return self._finish(row, exp_dir, cand_wt, "rejected", f"duplicate of experiment {duplicate['id']}")
             findings = policy.check_files(cand_wt, changed, old_root=self.snapshot(parent))
             row["policy"] = [asdict(f) for f in findings]
             if policy.rejecting(findings):
@@ -454,6 +455,10 @@ class Harness:
         self.events.decided(row)
         return row
 
+    def _duplicate_of(self, fingerprint: str) -> dict | None:
+        """The earlier experiment that made the same change (normalized: see edits.normalized_diff), if any."""
+        return next((r for r in self.ledger.rows() if r.get("fingerprint") == fingerprint), None)
+
     def snapshot(self, head: str) -> Path:
         """A plain read-only copy of the tree at `head` (git archive: no git state shared with the main thread)."""
         path = self.ledger.dir / "snapshots" / head[:12]
@@ -505,7 +510,10 @@ class Harness:
             violation = guard.path_violation(edit.paths(), self.settings.paths.editable, self.settings.paths.protected)
             if violation:
                 return SmokeResult(False, violation)
-            apply_edit(edit, scratch)
+            duplicate = self._duplicate_of(tree_fingerprint(self.snapshot(head), scratch, apply_edit(edit, scratch)))
+            if duplicate:  # the harness would reject it without a run: say so now, while the proposer can still act
+                return SmokeResult(False, f"duplicate of experiment {duplicate['id']} "
+                                          f"({duplicate.get('hypothesis', '')}): propose a different change")
             (scratch / "run").mkdir()
             with self.device_lock:
                 result = run_training(self._sandbox(self._command(smoke=True), scratch, scratch / "run", train=True),

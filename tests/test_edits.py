@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.edits import EditError, apply_edit, edit_fingerprint, normalized_diff, parse_edit
+from agent.edits import EditError, apply_edit, edit_fingerprint, normalized_diff, parse_edit, tree_fingerprint
 
 TRAIN_PY = """\
 import torch
@@ -307,3 +307,14 @@ def test_normalized_diff_keeps_real_changes_apart():
     other = BASE_DIFF.replace("+    warmup = 5", "+    warmup = 6")
     assert normalized_diff(other) != normalized_diff(BASE_DIFF)
     assert edit_fingerprint(other) != edit_fingerprint(BASE_DIFF)
+
+
+def test_tree_fingerprint_matches_the_same_change_wherever_it_was_made(tmp_path):
+    old, a, b, c = (tmp_path / name for name in ("old", "a", "b", "c"))
+    for root, text in ((old, "x = 1\ny = 2\n"), (a, "x = 1\ny = 3\n"), (b, "x = 1\n\ny = 3   \n"), (c, "x = 1\ny = 4\n")):
+        (root / "pkg").mkdir(parents=True)
+        (root / "pkg" / "m.py").write_text(text)
+    assert tree_fingerprint(old, a, ["pkg/m.py"]) == tree_fingerprint(old, b, ["pkg/m.py"])  # blank line, spaces
+    assert tree_fingerprint(old, a, ["pkg/m.py"]) != tree_fingerprint(old, c, ["pkg/m.py"])
+    (a / "pkg" / "new.py").write_text("z = 0\n")  # a file the edit creates counts as a change from empty
+    assert tree_fingerprint(old, a, ["pkg/m.py", "pkg/new.py"]) != tree_fingerprint(old, b, ["pkg/m.py"])

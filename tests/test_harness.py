@@ -10,7 +10,8 @@ import time
 import git
 import pytest
 
-from agent import cli
+from agent import cli, settings
+from agent.harness import Harness
 from agent.workspace import trailers
 from tests.fakerepo import QUALITY, REPO, edit, ledger, make_repo, ratchet
 
@@ -152,6 +153,22 @@ def test_errors_exit_2_and_duplicates_are_not_run(repo, capsys, tmp_path):
     noop.write_text(edit("STEPS = 8", "STEPS = 8  # again", "comment"))
     assert cli.main(["try", str(noop)]) == 2  # no baseline yet: a setup error, not a verdict
     assert "ratchet baseline" in capsys.readouterr().err
+
+
+def test_a_proposers_smoke_check_spots_a_duplicate_before_running_it(repo, capsys, tmp_path):
+    """The smoke check a proposer runs before it submits answers "duplicate of experiment N" for a change already
+    tried (whitespace aside), without a run, so an LLM can still change course; another change is smoke-run."""
+    ratchet(capsys, "baseline")
+    nan = tmp_path / "nan.txt"
+    nan.write_text(edit("LOSS = 5.0", 'LOSS = float("nan")', "nan loss"))
+    tried = ratchet(capsys, "try", str(nan))
+    h = Harness(repo, settings.load(repo), "default")
+    head = h.ws.head()
+    again = h.smoke_check(edit("LOSS = 5.0", 'LOSS = float("nan")   \n', "the same, reworded"), head)
+    assert not again.ok and again.log_tail.startswith(f"duplicate of experiment {tried['id']} (nan loss)")
+    assert not (repo / "runs" / "default" / "scratch").exists() or not any((repo / "runs" / "default" / "scratch").iterdir())
+    other = h.smoke_check(edit("SLEEP = 0.1", "SLEEP = 0.05", "sleep less"), head)
+    assert other.ok and other.log_tail == "smoke run passed"
 
 
 def _wait_for(predicate, timeout: float):
