@@ -14,7 +14,7 @@ from pathlib import Path
 import git
 import torch
 
-from agent import cli
+from agent import cli, settings
 from nanomodel.data import read_shard, train_shards
 from nanomodel.model import build_model
 
@@ -79,14 +79,32 @@ def edit(old: str, new: str, hypothesis: str, path: str = "nanomodel/fake_train.
 
 def make_repo(root: Path, dataset: Path) -> Path:
     """A git repo holding the real nanomodel + kernels, the stand-in trainer and its ratchet.toml."""
-    root.mkdir()
-    for package in ("nanomodel", "kernels"):
-        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    copy_target(root)
     (root / "nanomodel" / "fake_train.py").write_text(FAKE_TRAIN)
     for name, weights in weight_files(dataset).items():
         (root / "nanomodel" / name).write_bytes(weights)
-    (root / ".gitignore").write_text("runs/\n")
     (root / "ratchet.toml").write_text(SETTINGS.format(dataset=dataset))
+    return commit_all(root)
+
+
+def make_real_repo(root: Path, dataset: Path, baseline_runs: int) -> Path:
+    """A git repo holding the real nanomodel + kernels and the cpu-test preset's ratchet.toml: real training."""
+    copy_target(root)
+    s = settings.preset("cpu-test")
+    s.train.data = str(dataset)
+    s.judge.baseline_runs = baseline_runs
+    (root / "ratchet.toml").write_text(settings.dumps(s))
+    return commit_all(root)
+
+
+def copy_target(root: Path) -> None:
+    root.mkdir()
+    for package in ("nanomodel", "kernels"):
+        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / ".gitignore").write_text("runs/\n")
+
+
+def commit_all(root: Path) -> Path:
     r = git.Repo.init(root)
     r.git.config("user.name", "Test")
     r.git.config("user.email", "test@example.com")

@@ -10,7 +10,6 @@ Two tiers:
     cpu-test preset; the baseline (2 runs) is measured once per module and every test tries its edit on the
     same repo in turn (a rejected try leaves the branch where it was).
 """
-import shutil
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 from agent import cli, guard, policy, settings
 from agent.runner import OUTLIVED
 from nanomodel.model import build_model
-from tests.fakerepo import REPO, edit, ledger, ratchet
+from tests.fakerepo import REPO, edit, ledger, make_real_repo, ratchet
 
 slow = pytest.mark.slow
 
@@ -195,20 +194,7 @@ def test_path_guard_protects(path):
 @pytest.fixture(scope="module")
 def target(tmp_path_factory, dataset):
     """A scratch repo with the real nanomodel + kernels and the cpu-test preset, its baseline measured once."""
-    root = tmp_path_factory.mktemp("redteam") / "target"
-    root.mkdir()
-    for package in ("nanomodel", "kernels"):
-        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
-    s = settings.preset("cpu-test")
-    s.train.data = str(dataset)
-    s.judge.baseline_runs = 2
-    (root / "ratchet.toml").write_text(settings.dumps(s))
-    (root / ".gitignore").write_text("runs/\n")
-    repo = git.Repo.init(root)
-    repo.git.config("user.name", "Test")
-    repo.git.config("user.email", "test@example.com")
-    repo.git.add("-A")
-    repo.git.commit("-m", "target repo")
+    root = make_real_repo(tmp_path_factory.mktemp("redteam") / "target", dataset, baseline_runs=2)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         assert cli.main(["baseline"]) == 0

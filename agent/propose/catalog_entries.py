@@ -77,6 +77,81 @@ nanomodel/train.py
 >>>>>>> REPLACE
 '''),
     Entry(
+        key="no-dynamo-cpu", hardware="cpu", kind="speed",
+        hypothesis="Never import torch._dynamo on CPU: a plain-tensor AdamW, and no DDP wrapper for a single process",
+        rationale="""torch.optim's methods are wrapped in torch._disable_dynamo, and DDP's constructor asks
+torch._dynamo.utils for its optimize mode: either one imports torch._dynamo (most of the compiler stack), 1-2.6 s
+per process on 2 CPU cores, as long as importing torch itself (cpu-test: 18.0 -> 14.9 s on a busy machine, the
+same val loss to 4 decimals). The same AdamW update in plain in-place tensor ops, and no DDP when torchrun starts
+one process (it would only all-reduce each gradient with itself), never import it. GPU runs keep the fused
+torch.optim.AdamW and several processes keep DDP: there a second of start-up is nothing. Found by Ratchet's
+developers profiling cpu-test, not a speedrun record.""",
+        blocks='''\
+nanomodel/train.py
+<<<<<<< SEARCH
+def make_optimizer(model: torch.nn.Module, cfg: Config, fused: bool) -> torch.optim.Optimizer:
+    # weight decay on matrices (and the tied embedding), not on biases and norm gains
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+=======
+class PlainAdamW:
+    """torch.optim.AdamW's update in plain tensor ops: no torch._dynamo import (torch.optim's costs ~1 s per process)."""
+
+    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float):
+        self.param_groups = [{"lr": lr, **group} for group in groups]
+        self.betas, self.eps, self.t = betas, eps, 0
+        self.state = {}  # param -> (exp_avg, exp_avg_sq)
+
+    @torch.no_grad()
+    def step(self):
+        self.t += 1
+        beta1, beta2 = self.betas
+        bias1, bias2 = 1 - beta1 ** self.t, 1 - beta2 ** self.t
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                m, v = self.state.setdefault(p, (torch.zeros_like(p), torch.zeros_like(p)))
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                m.lerp_(p.grad, 1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                p.addcdiv_(m, (v.sqrt() / math.sqrt(bias2)).add_(self.eps), value=-group["lr"] / bias1)
+
+    def zero_grad(self, set_to_none: bool = True):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config, fused: bool):
+    # weight decay on matrices (and the tied embedding), not on biases and norm gains
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if not fused:  # CPU: the plain update, no torch._dynamo import
+        return PlainAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+>>>>>>> REPLACE
+
+nanomodel/train.py
+<<<<<<< SEARCH
+    if distributed:
+        model = DDP(model, device_ids=[local_rank] if cuda else None)
+=======
+    if world > 1:  # one process would only all-reduce with itself, and DDP's constructor imports torch._dynamo
+        model = DDP(model, device_ids=[local_rank] if cuda else None)
+>>>>>>> REPLACE
+
+nanomodel/train.py
+<<<<<<< SEARCH
+            sync = not distributed or micro == grad_accum - 1
+=======
+            sync = model is raw_model or micro == grad_accum - 1
+>>>>>>> REPLACE
+'''),
+    Entry(
         key="torch-compile", hardware="gpu", kind="speed",
         hypothesis="torch.compile the model: fused elementwise kernels and fewer launches in forward and backward",
         rationale="""Inductor fuses the norms, activations and residual adds into a few Triton kernels and cuts
@@ -801,13 +876,14 @@ under the target loss. Scales `steps` in every named config by 0.7 (of the incum
 # loss becomes a shorter run. Then ReLU² (cheaper, same loss), the other quality edits by measured gain (WSD -0.18,
 # rotary -0.17, Muon -0.10), the smaller batch (10% fewer tokens at the same loss, one seed), the first step cut
 # to cash in margin when calibration is off, then the small gains (Adam settings, QK-norm, value residual, U-net:
-# -0.02 to -0.04, near the seed spread), then what was neutral or worse here (x0, softcap, zero-init, no-bias,
-# RMSNorm +0.07, untied head +0.42) and the tiny systems wins (fused AdamW ~1.5%, gc, clipping).
+# -0.02 to -0.04, near the seed spread), the start-up and optimizer wins (no torch._dynamo import ~1.5%, fused
+# AdamW ~1.5%), then what was neutral or worse here (x0, softcap, zero-init, no-bias, RMSNorm +0.07, untied head
+# +0.42) and the tiny systems wins (gc, clipping).
 CPU_ORDER = [
     "sdpa-attention", "higher-lr-3x", "relu2-mlp", "wsd-schedule", "rotary", "muon", "smaller-batch",
     "fewer-steps-15", "higher-lr-1.5x", "adam-betas-eps", "qk-norm", "value-residual", "unet-skips",
-    "seq-len-warmup", "fused-adamw-cpu", "fewer-steps-30", "x0-shortcut", "logit-softcap", "zero-init-proj",
-    "no-bias", "gc-disable", "no-grad-clip", "rmsnorm", "untied-head",
+    "seq-len-warmup", "no-dynamo-cpu", "fused-adamw-cpu", "fewer-steps-30", "x0-shortcut", "logit-softcap",
+    "zero-init-proj", "no-bias", "gc-disable", "no-grad-clip", "rmsnorm", "untied-head",
 ]
 
 # GPU (8xH100-class, gpt2-124m: T=1024, V=50257, bf16 autocast): the speedrun's record gains. Systems first where
