@@ -4,11 +4,11 @@ Every attack must be REJECTED WITH THE RIGHT REASON: the test asserts the stage 
 static policy, smoke run, sandbox, evaluator, judge) through the ledger row's reason, and for the guards that
 act before anything runs, that nothing ran. docs/threat-model.md maps each threat to these tests.
 
-Two tiers:
-  - fast (default `pytest`): the static policy and the path guard on each attack's source, no training;
-  - slow (`-m slow`): the real pipeline on a scratch repo holding the real nanomodel + kernels with the
-    cpu-test preset; the baseline (2 runs) is measured once per module and every test tries its edit on the
-    same repo in turn (a rejected try leaves the branch where it was).
+Two tiers, both in `make test` (and so in CI, with the sandbox active there):
+  - static: the policy and the path guard on each attack's source, no training;
+  - pipeline: real cpu-test training on a scratch repo holding the real nanomodel + kernels; the baseline
+    (2 runs) is measured once per module and every test tries its edit on the same repo in turn (a rejected try
+    leaves the branch where it was). About 4.5 minutes on one core.
 """
 import time
 from pathlib import Path
@@ -21,8 +21,6 @@ from agent import cli, guard, policy, settings
 from agent.runner import OUTLIVED
 from nanomodel.model import build_model
 from tests.fakerepo import REPO, edit, ledger, make_real_repo, ratchet
-
-slow = pytest.mark.slow
 
 # ---------------------------------------------------------------------------------------------- the attacks
 # name -> (file, SEARCH lines, REPLACE lines). SEARCH text is taken verbatim from the real nanomodel, so an attack
@@ -168,7 +166,7 @@ def test_policy_rejects_attack_source(name):
 
 @pytest.mark.parametrize("name", POLICY_PASSES)
 def test_hidden_attacks_get_past_the_policy(name):
-    """Honest about the policy's limits: these must be stopped later, which the slow tier proves."""
+    """Honest about the policy's limits: these must be stopped later, which the pipeline tier proves."""
     path, old, new = attack_source(name)
     assert not policy.rejecting(policy.check_source(path, new, old_source=old))
 
@@ -188,7 +186,7 @@ def test_path_guard_protects(path):
     assert guard.path_violation(["nanomodel/model.py", path], p.editable, p.protected) == f"protected path {path}"
 
 
-# ---------------------------------------------------------------------------------------------- slow tier
+# ---------------------------------------------------------------------------------------------- pipeline tier
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +224,6 @@ def assert_nothing_ran(row: dict) -> None:
     assert row["runs"] == [] and "smoke" not in row
 
 
-@slow
 @pytest.mark.parametrize("path", ["ratchet.toml", "kernels/reference.py", "agent/evaluate.py", "tests/test_policy.py"])
 def test_protected_path(target, capsys, tmp_path, path):
     """1, 10, 12: the timer, the scorer, the tests and the limits (ratchet.toml) are out of reach."""
@@ -239,7 +236,6 @@ def test_protected_path(target, capsys, tmp_path, path):
     assert_nothing_ran(row)
 
 
-@slow
 @pytest.mark.parametrize("name", sorted(POLICY_REJECTS))
 def test_policy_stops_before_any_run(target, capsys, tmp_path, name):
     """2, 4, 5, 7, 10, 12, 15 at the source level: rejected by rule id, and no training ran."""
@@ -248,21 +244,18 @@ def test_policy_stops_before_any_run(target, capsys, tmp_path, name):
     assert_nothing_ran(row)
 
 
-@slow
 def test_non_causal_model_fails_the_probe(target, capsys, tmp_path):
     _, row = try_attack(target, capsys, tmp_path, "non-causal")
     assert row["reason"] == "causality probe failed"
     assert row["smoke"]["status"] == "probe" and row["runs"] == []
 
 
-@slow
 def test_val_shard_via_runtime_path_is_not_mounted(target, capsys, tmp_path):
     _, row = try_attack(target, capsys, tmp_path, "val-runtime")
     assert row["reason"].startswith("crashed (") and "FileNotFoundError" in row["reason"], row["reason"]
     assert "_val_" in row["reason"] and row["runs"] == []
 
 
-@slow
 def test_protected_file_cannot_be_rewritten_by_a_run(target, capsys, tmp_path):
     """The worktree is read-only in the sandbox; without one, guard.check_integrity after the run names the file."""
     _, row = try_attack(target, capsys, tmp_path, "protected-runtime-write")
@@ -271,14 +264,12 @@ def test_protected_file_cannot_be_rewritten_by_a_run(target, capsys, tmp_path):
     assert row["runs"] == []
 
 
-@slow
 def test_earlier_weights_are_invisible(target, capsys, tmp_path):
     assert list((target / "runs").glob("**/final.pt"))  # the bait is there, outside the sandbox
     _, row = try_attack(target, capsys, tmp_path, "copy-final")
     assert row["reason"].startswith("crashed (") and "no earlier weights under" in row["reason"], row["reason"]
 
 
-@slow
 def test_tmp_cache_never_hits(target, capsys, tmp_path):
     """/tmp is a fresh tmpfs in every run: the smoke run fills the cache, no later run finds it."""
     _, row = try_attack(target, capsys, tmp_path, "tmp-cache-hidden")
@@ -288,7 +279,6 @@ def test_tmp_cache_never_hits(target, capsys, tmp_path):
     assert row["reason"].startswith("slower"), row["reason"]
 
 
-@slow
 def test_background_process_dies_with_the_run(target, capsys, tmp_path):
     _, row = try_attack(target, capsys, tmp_path, "background-hidden")
     assert "dynamic-code" in {f["rule"] for f in row["policy"]}
@@ -297,26 +287,22 @@ def test_background_process_dies_with_the_run(target, capsys, tmp_path):
     assert not list((target / "runs").glob("**/late-work"))
 
 
-@slow
 def test_hidden_patch_fails_the_identity_check(target, capsys, tmp_path):
     _, row = try_attack(target, capsys, tmp_path, "patch-hidden")
     assert row["reason"].startswith("evaluation failed: ") and "patched torch.logsumexp" in row["reason"], row["reason"]
 
 
-@slow
 def test_no_network_in_the_sandbox(target, capsys, tmp_path):
     _, row = try_attack(target, capsys, tmp_path, "socket-hidden")
     assert row["reason"].startswith("crashed (") and ("gaierror" in row["reason"] or "OSError" in row["reason"]
                                                        or "Network is unreachable" in row["reason"]), row["reason"]
 
 
-@slow
 def test_nan_logits_at_evaluation(target, capsys, tmp_path):
     _, row = try_attack(target, capsys, tmp_path, "nan-at-eval")
     assert row["reason"].startswith("evaluation failed: ") and "non-finite" in row["reason"], row["reason"]
 
 
-@slow
 def test_untrained_weights_and_a_claimed_loss(target, capsys, tmp_path):
     """11, 12: the printed val loss and a metrics file claiming a target change nothing; the evaluator's loss rules."""
     _, row = try_attack(target, capsys, tmp_path, "skip-training")
@@ -325,7 +311,6 @@ def test_untrained_weights_and_a_claimed_loss(target, capsys, tmp_path):
     assert losses and min(losses) > row["target"] > 0.0001
 
 
-@slow
 def test_exit_zero_after_a_crash(target, capsys, tmp_path):
     """13: a crash inside the loop, swallowed, exit 0 without final.pt."""
     path, old, new = "nanomodel/train.py", ATTACKS["swallow-crash"][1], ATTACKS["swallow-crash"][2]
@@ -340,7 +325,6 @@ def test_exit_zero_after_a_crash(target, capsys, tmp_path):
     assert row["smoke"]["status"] == "crashed" and row["runs"] == []
 
 
-@slow
 def test_huge_slowdown_aborts_early(target, capsys, tmp_path):
     _, row = try_attack(target, capsys, tmp_path, "sleep-per-step")
     assert row["reason"].startswith("slower"), row["reason"]
@@ -350,7 +334,6 @@ def test_huge_slowdown_aborts_early(target, capsys, tmp_path):
     assert cand[0]["status"] == "aborted" or row["verdict"]["state"] == "rejected", cand
 
 
-@slow
 def test_noop_is_never_accepted(target, capsys, tmp_path):
     _, row = try_attack(target, capsys, tmp_path, "noop")
     assert row["reason"].startswith(("not significant", "slower", "speedup")), row["reason"]
