@@ -97,6 +97,9 @@ def cpu_threads_per_rank(nproc: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // nproc)
 
 
+LOSS_LINES = 3  # progress lines averaged by AbortPolicy's loss rule
+
+
 @dataclass
 class AbortPolicy:
     """Early abort for `run_training(monitor=...)`: a reason once the run can no longer beat the incumbent.
@@ -107,7 +110,7 @@ class AbortPolicy:
     incumbent_seconds: float | None = None  # the incumbent's measured wall-clock; None: no pace rule
     incumbent_curve: list[Progress] = field(default_factory=list)  # the incumbent's progress lines; empty: no loss rule
     pace_slack: float = 0.05    # abort when the projected time exceeds the incumbent's by more than this fraction
-    loss_slack: float = 1.0     # abort when the loss exceeds the incumbent's at the same step by more than this (nats)
+    loss_slack: float = 1.0     # abort when the loss (last LOSS_LINES lines) exceeds the incumbent's at the same steps by this (nats)
     min_fraction: float = 0.15  # the pace and loss rules wait for this fraction of the steps
     pace_window: float = 0.2    # pace is measured over the lines in the last this fraction of the steps
     seen: list[Progress] = field(default_factory=list, init=False, repr=False)
@@ -135,10 +138,15 @@ class AbortPolicy:
                 projected = p.wall + (1 - p.step / p.total) * pace
                 if projected > self.incumbent_seconds * (1 + self.pace_slack):
                     return f"slower: projected {projected:.1f}s vs incumbent {self.incumbent_seconds:.1f}s at step {p.step}/{p.total}"
-        if len(self._ref_steps) and self._ref_steps[0] <= p.step <= self._ref_steps[-1]:
-            reference = float(np.interp(p.step, self._ref_steps, self._ref_losses))
-            if p.loss > reference + self.loss_slack:
-                return f"loss {p.loss:.2f} at step {p.step} vs incumbent {reference:.2f}"
+        # the loss rule reads the mean of the last LOSS_LINES lines: one batch's loss depends on which data the
+        # seed put there (a cpu-tiny batch of unusual text reads ~2 nats high), a model that has gone wrong stays high
+        recent = [q for q in self.seen[-LOSS_LINES:]
+                  if len(self._ref_steps) and self._ref_steps[0] <= q.step <= self._ref_steps[-1]]
+        if len(recent) == LOSS_LINES:
+            loss = float(np.mean([q.loss for q in recent]))
+            reference = float(np.mean(np.interp([q.step for q in recent], self._ref_steps, self._ref_losses)))
+            if loss > reference + self.loss_slack:
+                return f"loss {loss:.2f} at steps {recent[0].step}-{p.step} vs incumbent {reference:.2f}"
         return None
 
     def _recent_pace(self) -> float | None:

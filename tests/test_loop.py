@@ -348,27 +348,39 @@ def test_catalog_is_the_offline_default_and_says_so(tmp_path, dataset, capsys, m
 # ---------------------------------------------------------------------------------------------------------------
 # kill -9, stop, SIGTERM, Ctrl-C: `ratchet run` as a subprocess, the fake server in this process
 
+def kill_9_then_resume(template, tmp_path, start, script: list) -> tuple[Path, Path, dict]:
+    """`ratchet run --max-experiments 2` with `script` on two copies of the template: one uninterrupted, one
+    killed -9 once experiment 0003 has a timed run going, then run again with the same command.
+    -> (killed, whole, what the killed one had left: its state, loop, ledger ids and LLM requests)."""
+    killed, whole = copy_of(template, tmp_path / "killed"), copy_of(template, tmp_path / "whole")
+    args = ("--max-experiments", "2")
+    with FakeLLM(list(script)) as server, FakeLLM(list(script)) as reference:
+        uninterrupted = start(whole, reference, *args)
+        proc = start(killed, server, *args)
+        exp3 = killed / "runs" / "default" / "exp-0003"
+        assert wait_for(lambda: any(exp3.glob("run-*/train.log")) or proc.poll() is not None, timeout=300)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        at_kill = {"state": state(killed), "loop": loop_state(killed), "ids": [r["id"] for r in ledger(killed)],
+                   "requests": len(server.requests)}
+        for proc in (start(killed, server, *args), uninterrupted):
+            code, out, err = finish(proc)
+            assert code == 0 and out["reason"] == "max experiments reached (2)", err[-2000:]
+        assert len(server.requests) == len(reference.requests) and not server.overrun  # nothing asked twice
+    for root in (killed, whole):
+        assert git.Repo(root).git.worktree("list").count("\n") == 0  # the user's checkout only
+        assert not any((root / "runs" / "default" / "worktrees").iterdir())
+        assert leftover_processes(root) == []
+        assert files_holding(root, SECRET) == []
+    return killed, whole, at_kill
+
+
 def test_kill_9_mid_experiment_then_resume_matches_an_uninterrupted_run(template, tmp_path, start):
     """kill -9 while experiment 2 (a speedup) trains; the same command again finishes it without asking the LLM
     again (the proposal was saved), and the outcome equals that of an uninterrupted run of the same script."""
-    killed, whole = copy_of(template, tmp_path / "killed"), copy_of(template, tmp_path / "whole")
-    args = ("--max-experiments", "2")
-    with FakeLLM([submit(*NAN), submit(*FASTER)]) as server, FakeLLM([submit(*NAN), submit(*FASTER)]) as reference:
-        uninterrupted = start(whole, reference, *args)
-        proc = start(killed, server, *args)
-        exp2 = killed / "runs" / "default" / "exp-0003"
-        assert wait_for(lambda: any(exp2.glob("run-*/train.log")) or proc.poll() is not None)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        s = state(killed)
-        assert s["inflight"]["id"] == "0003" and [q["proposal"]["hypothesis"] for q in loop_state(killed)["queue"]] == [FASTER[2]]
-        assert [r["id"] for r in ledger(killed)] == ["0001", "0002"] and len(server.requests) == 2
-
-        code, out, err = finish(start(killed, server, *args))
-        assert code == 0 and out["reason"] == "max experiments reached (2)", err[-2000:]
-        assert len(server.requests) == 2 and not server.overrun  # the saved proposal ran; nothing asked twice
-        code, out, err = finish(uninterrupted)
-        assert code == 0 and out["reason"] == "max experiments reached (2)", err[-2000:]
+    killed, whole, at_kill = kill_9_then_resume(template, tmp_path, start, [submit(*NAN), submit(*FASTER)])
+    assert at_kill["state"]["inflight"]["id"] == "0003" and at_kill["ids"] == ["0001", "0002"]
+    assert [q["proposal"]["hypothesis"] for q in at_kill["loop"]["queue"]] == [FASTER[2]] and at_kill["requests"] == 2
 
     def outcome(root):
         return [(r["id"], r["kind"], r["decision"], r["hypothesis"], r.get("diff"),
@@ -376,33 +388,16 @@ def test_kill_9_mid_experiment_then_resume_matches_an_uninterrupted_run(template
     assert outcome(killed) == outcome(whole)
     assert [r["decision"] for r in ledger(killed)] == ["baseline", "rejected", "accepted"]
     assert branch_diff(killed) == branch_diff(whole) and "+SLEEP = 0.01" in branch_diff(killed)
-    for root in (killed, whole):
-        assert git.Repo(root).git.worktree("list").count("\n") == 0  # the user's checkout only
-        assert not any((root / "runs" / "default" / "worktrees").iterdir())
-        assert leftover_processes(root) == []
-        assert files_holding(root, SECRET) == []
 
 
 def test_kill_9_during_calibration_then_resume_finishes_it_once(template, tmp_path, start):
     """kill -9 while the calibrated variant of an edit trains: the resume reuses the parent's verdict from the
     ledger and runs only the variant (re-running the parent would reject it as a duplicate of itself); branch,
-    ledger and experiment count equal an uninterrupted run's."""
-    killed, whole = copy_of(template, tmp_path / "killed"), copy_of(template, tmp_path / "whole")
-    args = ("--max-experiments", "2")
-    with FakeLLM([submit(*QUALITY), submit(*NAN)]) as server, FakeLLM([submit(*QUALITY), submit(*NAN)]) as reference:
-        uninterrupted = start(whole, reference, *args)
-        proc = start(killed, server, *args)
-        variant = killed / "runs" / "default" / "exp-0003"
-        assert wait_for(lambda: any(variant.glob("run-*/train.log")) or proc.poll() is not None, timeout=300)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        assert state(killed)["inflight"]["id"] == "0003" and [r["id"] for r in ledger(killed)] == ["0001", "0002"]
-
-        code, out, err = finish(start(killed, server, *args))
-        assert code == 0 and out["reason"] == "max experiments reached (2)", err[-2000:]
-        code, out, err = finish(uninterrupted)
-        assert code == 0 and out["reason"] == "max experiments reached (2)", err[-2000:]
-        assert len(server.requests) == len(reference.requests) == 2  # the edit, and the next one asked ahead
+    ledger and experiment count equal an uninterrupted run's. The next proposal, asked for while the edit
+    trained, was saved when it arrived: the kill did not lose it."""
+    killed, whole, at_kill = kill_9_then_resume(template, tmp_path, start, [submit(*QUALITY), submit(*NAN)])
+    assert at_kill["state"]["inflight"]["id"] == "0003" and at_kill["ids"] == ["0001", "0002"]
+    assert [q["proposal"]["hypothesis"] for q in at_kill["loop"]["queue"]] == [QUALITY[2], NAN[2]]
 
     def outcome(root):
         return [(r["id"], r["kind"], r["decision"], r.get("calibrates"), r.get("steps_after")) for r in ledger(root)]

@@ -268,12 +268,15 @@ def test_pace_rule_tolerates_slack_and_a_slow_start():
     assert first_abort(AbortPolicy(20.0, []), compiled) is None
 
 
-def test_loss_rule_compares_at_the_same_step():
+def test_loss_rule_compares_the_recent_mean_at_the_same_steps():
     incumbent = [Progress(s, 40, loss, 0.0, 0.5 * s) for s, loss in [(10, 6.0), (20, 5.0), (30, 4.5), (40, 4.0)]]
     policy = AbortPolicy(20.0, incumbent)
     assert policy(Progress(4, 40, 9.0, 0.0, 2.0)) is None      # before min_fraction
-    assert policy(Progress(15, 40, 6.4, 0.0, 7.5)) is None     # incumbent 5.5 here: within 1 nat
-    assert policy(Progress(25, 40, 5.9, 0.0, 12.5)) == "loss 5.90 at step 25 vs incumbent 4.75"
+    # ~0.2 nats above the incumbent, and one hard batch at step 22 (+2 nats): the 3-line mean stays within 1 nat
+    for step, loss in [(15, 5.7), (20, 5.2), (22, 6.9), (25, 4.95), (28, 4.8), (31, 6.5)]:
+        assert policy(Progress(step, 40, loss, 0.0, 0.5 * step)) is None, step
+    # the model has gone wrong: the mean of steps 28-34 is 5.97 where the incumbent's is 4.45
+    assert policy(Progress(34, 40, 6.6, 0.0, 17.0)) == "loss 5.97 at steps 28-34 vs incumbent 4.45"
 
 
 def test_nan_rule_and_baseline_without_incumbent():
