@@ -174,7 +174,15 @@ def test_monitor_abort_kills_quickly(tmp_path):
     assert live_with_mark(mark) == []
 
 
-def test_keyboard_interrupt_kills_the_group_and_propagates(tmp_path):
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own Ctrl-C handler, also when pytest was started in the background (which ignores SIGINT)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_keyboard_interrupt_kills_the_group_and_propagates(tmp_path, ctrl_c_raises):
     def interrupt(line):
         if line == "ready":
             os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, delivered to this (the harness's) process
