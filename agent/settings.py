@@ -65,7 +65,7 @@ class Judge:
 class Abort:
     pace_slack: float = 0.2          # abort a candidate whose projected wall-clock exceeds the incumbent's by this fraction
                                      # (generous: a pace read from a few progress lines is noisy, and an abort is final)
-    loss_slack: float = 1.0          # abort a candidate whose loss is this many nats above the incumbent's at the same step
+    loss_slack: float = 1.0          # abort a candidate whose loss (last 3 lines) is this many nats above the incumbent's
     min_fraction: float = 0.15       # no pace/loss aborts before this fraction of the run
 
 
