@@ -181,6 +181,9 @@ class Loop:
                         break
                     started = time.perf_counter()
                     if not loop["queue"]:
+                        if ahead is not None and ahead.done():
+                            ahead.result()  # re-raises a proposer error; its proposal was queued and has been taken
+                            ahead = None
                         future, ahead = ahead or self._ask(), None
                         waiting = time.perf_counter()
                         proposal = future.result()

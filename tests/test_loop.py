@@ -19,10 +19,13 @@ from pathlib import Path
 import git
 import pytest
 
-from agent import cli
+from agent import cli, settings
+from agent.harness import Harness
+from agent.loop import Budgets, Loop
+from agent.propose.base import Proposal
 from agent.workspace import trailers
 from tests.fakellm import FakeLLM, Step, call, reply
-from tests.fakerepo import QUALITY, REPO, ledger, make_repo, ratchet
+from tests.fakerepo import QUALITY, REPO, edit, ledger, make_repo, ratchet
 
 SECRET = "sk-test-SECRET-1234567890"  # the fake API key: it must reach the server and nothing Ratchet writes
 TRAINER = "nanomodel/fake_train.py"
@@ -326,6 +329,31 @@ def test_near_duplicate_proposal_is_not_run(repo, capsys, monkeypatch):
     assert second["decision"] == "rejected" and second["reason"] == f"duplicate of experiment {first['id']}"
     assert second["runs"] == [] and "smoke" not in second
     assert not [p for p in (repo / "runs" / "default" / f"exp-{second['id']}").iterdir() if p.is_dir()]
+
+
+class KeyedScript:
+    """A catalog-like proposer: keyed edits in order, skipping those tried or pending (as CatalogProposer does)."""
+    name = "catalog"
+
+    def __init__(self, edits):
+        self.edits = edits
+
+    def propose(self, context):
+        seen = {row.get("key") for row in context.history + context.pending}
+        return next((Proposal(text=edit(old, new, hypothesis), proposer=self.name, hypothesis=hypothesis, key=key)
+                     for key, (old, new, hypothesis) in self.edits if key not in seen), None)
+
+
+def test_an_entry_prepared_before_an_accept_is_proposed_again_on_the_new_head(repo):
+    """While the speedup trains, the next entry is prepared against the old head; after the accept it is dropped
+    and made again against the new head, then runs there; then the proposer has nothing left."""
+    loop = Loop(Harness(repo, settings.load(repo), "default"), KeyedScript([("fast", FASTER), ("nan", NAN)]),
+                Budgets(max_experiments=5))
+    assert loop.run() == "the proposer has nothing left"
+    fast, nan = experiments(repo)
+    assert (fast["key"], fast["decision"], nan["key"], nan["decision"]) == ("fast", "accepted", "nan", "rejected")
+    assert nan["parent"] == nan["proposed_on"] == fast["commit"]
+    assert loop_state(repo)["queue"] == [] and loop_state(repo)["experiments"] == 2
 
 
 def test_catalog_is_the_offline_default_and_says_so(tmp_path, dataset, capsys, monkeypatch):
