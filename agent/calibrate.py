@@ -7,8 +7,11 @@ edit with the length knob (ratchet.toml [length]) moved, through the full judge:
 - shorter: the candidate beat the target, and the incumbent's loss in the same experiment, by more than the
   seed-to-seed noise (`beats`) but was not significantly faster.
   First guess: the step at which the candidate's training-loss curve reaches the incumbent's final loss (shifted
-  by the target's margin). A run that *ends* there decays its learning rate sooner and ends lower than the long
-  run at that step, so the guess errs on the safe side.
+  by the target's margin). A run that *ends* there decays its learning rate sooner and usually ends lower than
+  the long run at that step. Not always: on cpu-tiny at 3x the learning rate, a 190-step run (of 300) stalled
+  at train loss 5.5 from step 90 on, where the 300-step run went on down to 5.0, and missed the target by 0.15
+  (a likely cause: its warmup, a fraction of the length too, was 19 steps instead of 30). The bisection then
+  lengthens.
 - longer: the candidate is faster per run but missed the target by a little. First guess: the extra steps its
   end-of-run loss slope needs to close the gap, capped where the predicted wall-clock would stop being a win.
 Then bisection on the outcome (too short: lengthen; met the target but not faster: shorten), at most

@@ -268,7 +268,7 @@ class Harness:
         run that was killed half-way, are reused rather than re-run (a re-run would be rejected as a duplicate)."""
         calibrate = self.settings.length.calibrate if calibrate is None else calibrate
         pid = (extra or {}).get("proposal_id")
-        earlier = [r for r in self.ledger.rows() if pid and r.get("proposal_id") == pid]
+        earlier = [r for r in self.ledger.rows() if r.get("proposal_id") == pid] if pid else []
         noise = self._noise() if calibrate else None
         first = next((r for r in earlier if r["kind"] != "calibrate"), None)
         rows = [] if first else [self.try_edit(text, proposer, kind, extra, should_stop, calibrate_noise=noise)]

@@ -87,9 +87,14 @@ def make_repo(root: Path, dataset: Path) -> Path:
     return commit_all(root)
 
 
-def make_real_repo(root: Path, dataset: Path, baseline_runs: int) -> Path:
-    """A git repo holding the real nanomodel + kernels and the cpu-test preset's ratchet.toml: real training."""
+def make_real_repo(root: Path, dataset: Path, baseline_runs: int, config_change: tuple[str, str] | None = None) -> Path:
+    """A git repo holding the real nanomodel + kernels and the cpu-test preset's ratchet.toml: real training.
+    config_change: (old, new) text replaced once in nanomodel/config.py before the first commit."""
     copy_target(root)
+    if config_change:
+        config = root / "nanomodel" / "config.py"
+        assert config.read_text().count(config_change[0]) == 1, config_change[0]
+        config.write_text(config.read_text().replace(*config_change))
     s = settings.preset("cpu-test")
     s.train.data = str(dataset)
     s.judge.baseline_runs = baseline_runs
