@@ -112,7 +112,7 @@ def test_a_tuned_learning_rate_is_rejected_as_it_stands_and_accepted_at_a_calibr
     assert derived["steps_before"] == 120 and 36 <= steps < 120  # [length] min_fraction 0.3
     r = git.Repo(repos["calibrated"])
     head = r.git.rev_parse("ratchet/default")
-    assert head == out["commit"]
+    assert head == out["commit"] and r.git.rev_parse(f"{head}^") == parent["parent"]
     assert re.search(rf"^\+\s+steps={steps}, lr=3e-3,", r.git.show(head), re.M)  # one commit: the edit and its length
     assert trailers(r.git.log("-1", "--format=%B", head))["Ratchet-Calibrated"] == \
         f"steps 120 -> {steps} (from default/{parent['id']})"
