@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from agent.judge import CANDIDATE, JudgeParams, TimeOutcome, arm_at, decide_times, pair_log_ratios
+from agent.judge import JudgeParams, TimeOutcome, candidate_mask, decide_times, pair_log_ratios
 
 BASE_SECONDS = 17.0  # incumbent run time; the judge works on ratios, so any value gives the same result
 SPEEDUPS = (0.0, 0.02, 0.05, 0.10, 0.20)  # true speedups simulated; 0 is the null edit
@@ -29,6 +29,8 @@ class Noise:
     outlier_slow: float = 0.0   # ...by this fraction
     drift: float = 0.0          # linear drift of the machine, first run to last (fraction)
     walk: float = 0.0           # random-walk drift: sd of the step between consecutive runs
+    periodic: float = 0.0       # load that comes and goes: amplitude (fraction) of a sine over the runs...
+    period: float = 4.0         # ...with this period in runs, at a random phase per session
 
     def log_factors(self, rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
         """Multiplicative noise on log scale for [trials, runs]."""
@@ -39,6 +41,8 @@ class Noise:
         noise += np.log1p(self.outlier_slow) * (rng.random(shape) < self.outlier_rate)
         noise += np.linspace(0.0, np.log1p(self.drift), shape[1])
         noise += np.cumsum(rng.normal(0.0, self.walk, shape), axis=1)
+        phase = rng.uniform(0.0, 2 * np.pi, (shape[0], 1))
+        noise += self.periodic * np.sin(2 * np.pi * np.arange(shape[1]) / self.period + phase)
         return noise
 
 
@@ -47,16 +51,20 @@ NOISE_MODELS = (
     Noise("cpu t3", cv=0.05, tails="t3"),
     Noise("cpu outliers", cv=0.05, outlier_rate=1 / 8, outlier_slow=0.13),
     Noise("cpu drift", cv=0.05, drift=0.08, walk=0.005),
+    Noise("cpu periodic", cv=0.05, periodic=0.05),
     Noise("gpu normal", cv=0.01),
     Noise("gpu drift", cv=0.01, drift=0.08, walk=0.005),
 )
 
 
-def simulate(noise: Noise, speedup: float, trials: int, params: JudgeParams, rng: np.random.Generator) -> dict:
+def simulate(noise: Noise, speedup: float, trials: int, params: JudgeParams, rng: np.random.Generator,
+             fixed_order: bool = False) -> dict:
+    """fixed_order: every block I C C I, instead of the judge's coin flip per block."""
     runs = 2 * params.max_pairs
-    is_candidate = np.array([arm_at(i) == CANDIDATE for i in range(runs)])
+    mirrored = np.zeros((trials, runs // 4), bool) if fixed_order else rng.random((trials, runs // 4)) < 0.5
+    is_candidate = candidate_mask(mirrored)
     log_seconds = np.log(BASE_SECONDS) + noise.log_factors(rng, (trials, runs)) + is_candidate * np.log1p(-speedup)
-    outcome, n_pairs = decide_times(pair_log_ratios(np.exp(log_seconds)), params)
+    outcome, n_pairs = decide_times(pair_log_ratios(np.exp(log_seconds), is_candidate), params)
     accepted = int(np.sum(outcome == TimeOutcome.FASTER))
     return {
         "noise": noise.name,
@@ -93,11 +101,13 @@ def main(argv=None) -> int:
     parser.add_argument("--null-trials", type=int, default=50000, help="trials per null row (speedup 0)")
     parser.add_argument("--alpha", type=float, default=JudgeParams.alpha, help="judge's overall false-accept rate")
     parser.add_argument("--max-pairs", type=int, default=JudgeParams.max_pairs, help="judge's last look (even)")
+    parser.add_argument("--fixed-order", action="store_true",
+                        help="every block I C C I (no coin flips), for comparison")
     args = parser.parse_args(argv)
     params = JudgeParams(alpha=args.alpha, max_pairs=args.max_pairs)
     rng = np.random.default_rng(args.seed)
     rows = [
-        simulate(noise, speedup, args.null_trials if speedup == 0 else args.trials, params, rng)
+        simulate(noise, speedup, args.null_trials if speedup == 0 else args.trials, params, rng, args.fixed_order)
         for noise in NOISE_MODELS for speedup in SPEEDUPS
     ]
     print(format_table(rows, params))

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -398,7 +399,8 @@ class Harness:
         row["smoke"] = asdict(smoke)
         if not smoke.ok:
             return "rejected", failure_reason(smoke), None
-        judge = Judge(self.judge_params(), target)
+        row["order_seed"] = order_seed(self.ws.tag, row["id"])
+        judge = Judge(self.judge_params(), target, row["order_seed"])
         inc_curve = incumbent["curve"]
         verdict = judge.verdict()
         index = 0
@@ -620,6 +622,12 @@ class Harness:
                 state.pop("inflight")
                 self.ledger.save_state(state)
         self.ws.remove_all_worktrees()
+
+
+def order_seed(tag: str, exp_id: str) -> int:
+    """The seed of an experiment's run order (the judge's coin flip per block): fixed per experiment, so a resume
+    re-runs the same order, and unrelated to anything the machine does (see agent/judge.py, Order)."""
+    return zlib.crc32(f"{tag}/{exp_id}".encode())
 
 
 def resolve_launcher(cmd: list[str]) -> list[str]:

@@ -4,11 +4,15 @@ Pure logic (no I/O). The harness asks `next_arm()`, runs that arm, `add()`s the 
 `verdict()` until its state is no longer "continue".
 
 Design, and why:
-- Order. Runs come in counterbalanced blocks I C C I (incumbent, candidate, candidate, incumbent).
-  Pair k is (I, C) for even k and (C, I) for odd k. On a machine that drifts linearly by delta per run
-  the log ratio of the first pair of a block gets +delta and the second -delta, so the mean over a
-  complete block cancels the drift exactly (and any fixed effect of running first or second).
-  Plain I C I C would hand the candidate, always second, one run of drift on every pair.
+- Order. Runs come in counterbalanced blocks of four: I C C I (incumbent, candidate, candidate, incumbent) or
+  its mirror C I I C. On a machine that drifts linearly by delta per run the log ratio of the first pair of
+  a block gets +delta and the second -delta, so the mean over a complete block cancels the drift exactly (and
+  any fixed effect of running first or second), in either orientation. Plain I C I C would hand the
+  candidate, always second, one run of drift on every pair.
+  Each block's orientation is a coin flip, seeded per experiment (`order_seed`). A fixed I C C I puts the
+  incumbent at runs 0 and 3 of every block, so load that comes and goes with a period near four runs (a
+  periodic job on a shared machine) lands on one arm every time and reads as a speedup; a random orientation
+  turns it into noise. `python -m agent.bench_judge --fixed-order` measures both.
 - Statistic. d_k = log(candidate seconds) - log(incumbent seconds) of pair k: a ratio scale, so a 10%
   speedup is the same number on a 17 s CPU run and a 3 min GPU run. One-sided paired t-test of mean(d) < 0;
   speedup = 1 - exp(mean(d)), i.e. one minus the geometric mean of the time ratios.
@@ -40,7 +44,7 @@ from scipy import stats
 
 INCUMBENT = "incumbent"
 CANDIDATE = "candidate"
-ARM_ORDER = (INCUMBENT, CANDIDATE, CANDIDATE, INCUMBENT)  # one counterbalanced block = 2 pairs
+BLOCK = (INCUMBENT, CANDIDATE, CANDIDATE, INCUMBENT)  # one counterbalanced block = 2 pairs; its mirror is C I I C
 
 
 @dataclass
@@ -78,18 +82,25 @@ class JudgeParams:
         return self.alpha / len(self.looks)
 
 
-def arm_at(run_index: int) -> str:
-    return ARM_ORDER[run_index % len(ARM_ORDER)]
+def block_mirrors(order_seed: int, n_blocks: int) -> np.ndarray:
+    """The coin flips of one session's order: [n_blocks] bool, True where a block runs C I I C."""
+    return np.random.default_rng(order_seed).random(n_blocks) < 0.5
 
 
-def pair_log_ratios(seconds: np.ndarray) -> np.ndarray:
-    """Run times in run order [..., 2n] -> log(candidate / incumbent) per pair [..., n]."""
+def candidate_mask(mirrored: np.ndarray) -> np.ndarray:
+    """Block orientations [..., blocks] (True: C I I C) -> whether each run is the candidate's [..., 4 * blocks]."""
+    mirrored = np.asarray(mirrored, dtype=bool)
+    block = np.array([arm == CANDIDATE for arm in BLOCK])
+    return np.repeat(mirrored, len(BLOCK), axis=-1) ^ np.tile(block, mirrored.shape[-1])
+
+
+def pair_log_ratios(seconds: np.ndarray, is_candidate: np.ndarray) -> np.ndarray:
+    """Run times in run order [..., 2n] and which runs are the candidate's [..., >= 2n]
+    -> log(candidate / incumbent) per pair [..., n]."""
     log_t = np.log(np.asarray(seconds, dtype=float))
     pairs = log_t.reshape(*log_t.shape[:-1], -1, 2)
-    candidate_first = np.arange(pairs.shape[-2]) % 2 == 1  # pair k is (C, I) for odd k
-    candidate = np.where(candidate_first, pairs[..., 0], pairs[..., 1])
-    incumbent = np.where(candidate_first, pairs[..., 1], pairs[..., 0])
-    return candidate - incumbent
+    candidate_first = np.asarray(is_candidate, dtype=bool)[..., 0:log_t.shape[-1]:2]
+    return np.where(candidate_first, pairs[..., 0] - pairs[..., 1], pairs[..., 1] - pairs[..., 0])
 
 
 class TimeOutcome(IntEnum):
@@ -191,37 +202,41 @@ def target_from_baseline(val_losses, tolerance_sigmas: float = 2.0, min_toleranc
 
 
 class Judge:
-    def __init__(self, params: JudgeParams, target_val_loss: float):
+    def __init__(self, params: JudgeParams, target_val_loss: float, order_seed: int):
         if math.isnan(target_val_loss):
             raise ValueError("target_val_loss must be a number (math.inf disables the val-loss condition), got nan")
         self.params = params
         self.target_val_loss = float(target_val_loss)
+        self.order_seed = order_seed
+        mask = candidate_mask(block_mirrors(order_seed, params.max_pairs // 2))
+        self.order = [CANDIDATE if c else INCUMBENT for c in mask]  # the arm of every run the session may need
         self.runs: list[tuple[str, float, float | None]] = []  # (arm, seconds, val_loss) in run order
 
     @classmethod
-    def from_runs(cls, params: JudgeParams, target_val_loss: float, runs) -> "Judge":
+    def from_runs(cls, params: JudgeParams, target_val_loss: float, order_seed: int, runs) -> "Judge":
         """Rebuild from recorded (arm, seconds, val_loss) runs, e.g. after a crash of the harness."""
-        judge = cls(params, target_val_loss)
+        judge = cls(params, target_val_loss, order_seed)
         for arm, seconds, val_loss in runs:
             judge.add(arm, seconds, val_loss)
         return judge
 
     def next_arm(self) -> str:
-        return arm_at(len(self.runs))
+        decided = self.verdict()
+        if decided.state != "continue":
+            raise ValueError(f"the judge has already decided ({decided.state}: {decided.reason}); no more runs")
+        return self.order[len(self.runs)]
 
     def add(self, arm: str, seconds: float, val_loss: float | None) -> None:
         """Record one run. val_loss is required for the candidate, optional for the incumbent."""
-        if arm != self.next_arm():
-            raise ValueError(f"run {len(self.runs)} must be the {self.next_arm()} (order I C C I), got {arm!r}")
+        expected = self.next_arm()
+        if arm != expected:
+            raise ValueError(f"run {len(self.runs)} must be the {expected} (order seed {self.order_seed}), got {arm!r}")
         if not (math.isfinite(seconds) and seconds > 0):
             raise ValueError(f"seconds must be a finite number > 0, got {seconds!r}")
         if val_loss is None and arm == CANDIDATE:
             raise ValueError("a candidate run needs its val loss")
         if val_loss is not None and not math.isfinite(val_loss):
             raise ValueError(f"val_loss must be finite (failed runs are rejected before the judge), got {val_loss!r}")
-        decided = self.verdict()
-        if decided.state != "continue":
-            raise ValueError(f"the judge has already decided ({decided.state}: {decided.reason}); no more runs")
         self.runs.append((arm, float(seconds), None if val_loss is None else float(val_loss)))
 
     def verdict(self) -> Verdict:
@@ -252,7 +267,8 @@ class Judge:
         return replace(s, state="rejected", reason=f"val loss {s.val_loss_mean:.4f} > target {self.target_val_loss:.4f}")
 
     def _log_ratios(self, n_pairs: int) -> np.ndarray:
-        return pair_log_ratios(np.array([s for _, s, _ in self.runs[:2 * n_pairs]]))
+        runs = self.runs[:2 * n_pairs]
+        return pair_log_ratios(np.array([s for _, s, _ in runs]), np.array([arm == CANDIDATE for arm, _, _ in runs]))
 
     def _summary(self, n_pairs: int) -> Verdict:
         """The numbers over the first n_pairs pairs; the caller fills in state and reason."""

@@ -56,7 +56,7 @@ class Target:
 class Judge:
     alpha: float = 0.01              # one-sided significance level for "candidate is faster"
     min_speedup: float = 0.01        # fraction of wall-clock a win must save
-    min_pairs: int = 4               # interleaved pairs before the first look (even: looks follow whole I C C I blocks)
+    min_pairs: int = 4               # interleaved pairs before the first look (even: looks follow whole I C C I / C I I C blocks)
     max_pairs: int = 10              # cap on runs per arm (even)
     baseline_runs: int = 5           # runs of the incumbent for `ratchet baseline`
 

@@ -87,9 +87,11 @@ def make_repo(root: Path, dataset: Path) -> Path:
     return commit_all(root)
 
 
-def make_real_repo(root: Path, dataset: Path, baseline_runs: int, config_change: tuple[str, str] | None = None) -> Path:
+def make_real_repo(root: Path, dataset: Path, baseline_runs: int, config_change: tuple[str, str] | None = None,
+                   alpha: float | None = None) -> Path:
     """A git repo holding the real nanomodel + kernels and the cpu-test preset's ratchet.toml: real training.
-    config_change: (old, new) text replaced once in nanomodel/config.py before the first commit."""
+    config_change: (old, new) text replaced once in nanomodel/config.py before the first commit.
+    alpha: the judge's false-accept rate, when not the preset's."""
     copy_target(root)
     if config_change:
         config = root / "nanomodel" / "config.py"
@@ -98,6 +100,7 @@ def make_real_repo(root: Path, dataset: Path, baseline_runs: int, config_change:
     s = settings.preset("cpu-test")
     s.train.data = str(dataset)
     s.judge.baseline_runs = baseline_runs
+    s.judge.alpha = alpha or s.judge.alpha
     (root / "ratchet.toml").write_text(settings.dumps(s))
     return commit_all(root)
 

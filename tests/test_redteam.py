@@ -191,8 +191,12 @@ def test_path_guard_protects(path):
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory, dataset):
-    """A scratch repo with the real nanomodel + kernels and the cpu-test preset, its baseline measured once."""
-    root = make_real_repo(tmp_path_factory.mktemp("redteam") / "target", dataset, baseline_runs=2)
+    """A scratch repo with the real nanomodel + kernels and the cpu-test preset, its baseline measured once.
+    The judge runs at alpha 0.001, not the preset's 0.01: every attack here must be rejected, and the noop can only
+    be rejected by the judge's test, which at alpha 0.01 lets a null edit through up to once in 100 tries by design
+    (the simulation, `ratchet bench judge`, measures 0.5-0.8%; one CI run hit it: 4 pairs at -5% to -9%).
+    At 0.001 the noop test fails by chance at most once in 1000 CI runs."""
+    root = make_real_repo(tmp_path_factory.mktemp("redteam") / "target", dataset, baseline_runs=2, alpha=0.001)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         assert cli.main(["baseline"]) == 0
@@ -334,6 +338,6 @@ def test_huge_slowdown_aborts_early(target, capsys, tmp_path):
     assert cand[0]["status"] == "aborted" or row["verdict"]["state"] == "rejected", cand
 
 
-def test_noop_is_never_accepted(target, capsys, tmp_path):
+def test_noop_is_rejected(target, capsys, tmp_path):
     _, row = try_attack(target, capsys, tmp_path, "noop")
     assert row["reason"].startswith(("not significant", "slower", "speedup")), row["reason"]

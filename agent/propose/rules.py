@@ -24,8 +24,9 @@ def rules_text(s: Settings) -> str:
   outside, from launch to the exit of every process it started. Start-up, compilation and saving all count.
 - Validation loss is computed by a separate evaluator on held-out tokens the training never sees, with a causality
   probe (future tokens must not change earlier logits). The candidate's mean val loss must be <= {target}.
-- The judge runs the incumbent and the candidate interleaved (I C C I ...) and accepts only a speedup of at least
-  {s.judge.min_speedup:.0%} that is significant at alpha {s.judge.alpha} (one-sided). Noise does not win.
+- The judge runs the incumbent and the candidate interleaved (I C C I or C I I C, a coin flip per block) and
+  accepts only a speedup of at least {s.judge.min_speedup:.0%} that is significant at alpha {s.judge.alpha} (one-sided).
+  Noise does not win.
 Not allowed (rejected by a static check and a sandbox): patching timers or library functions, spawning processes,
 network access, reading validation data or anything outside the run directory and the training shards, caching
 results or weights across runs, reading RATCHET_* variables other than RATCHET_RUN_DIR, RATCHET_SEED, RATCHET_TRAIN_DATA.
