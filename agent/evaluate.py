@@ -13,10 +13,12 @@ Evaluator side, in this order:
      the functions it calls after that are captured at the top of this file;
   2. import the candidate's `nanomodel.model.build_model` from WORKTREE (and nothing of that name from elsewhere);
   3. build the model, load the weights strictly, eval mode, no grad;
-  4. causality probe: logits at positions < t must not move when the tokens at positions >= t of row 0 and every
-     token of row 1 change (random rows and a real val row; fresh random cut and tokens each run);
+  4. causality probe: the log-probabilities (what the loss sees) at positions < t of row 0 must not move by more than
+     an absolute tolerance in nats when the tokens at positions >= t of row 0 and every token of the other rows
+     change (random rows and a real val row; fresh random cut and tokens each run);
   5. val loss over N/T fixed, non-overlapping windows of the evaluator's window T: logsumexp - target logit per
-     token from the logits, summed in float64; bits per byte = nats / ln 2 / bytes;
+     token from the logits, summed in float64; bits per byte = nats / ln 2 / bytes.
+     Probe and scoring call the model the same way (fp32, no autocast, [batch, T]: the last batch is padded);
   6. after every forward and at the end: any rebound attribute of the snapshot, a torch function/dispatch mode left
      active, a changed val slice or a scoring path that answers differently than before the import is a failure.
 The candidate runs inside this process, so the result goes to a file descriptor the harness reads, and the process
@@ -43,15 +45,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from agent.child_env import child_env
+
 TRUSTED_ROOT = Path(__file__).resolve().parent.parent  # the directory that holds this `agent` package
 CANDIDATE_PACKAGES = ("nanomodel", "kernels")  # top-level packages that must come from the candidate's worktree
 SHARD_MAGIC, SHARD_VERSION = 20240520, 1  # modded-nanogpt shard header: 256 int32 (magic, version, count, 0...)
 HEADER_BYTES = 256 * 4
 TOKEN_DTYPE = np.dtype("<u2")
-CPU_PROBE_TOL = 1e-4  # fp32 on CPU: max |logit change| allowed, relative to max(1, max |logit|); honest models give 0
-# bf16 autocast on GPU: one bf16 ulp is 2^-8..2^-7 of a value, so a kernel that is not bitwise deterministic
-# (split-K atomics) can move a logit by ~1% of the logit scale; same shapes and deterministic kernels give 0
-CUDA_PROBE_TOL = 1e-2
+# The causality probe compares what the loss sees: log-probabilities (log_softmax of the logits), in nats, with an
+# absolute tolerance. A candidate controls its logits' magnitude, and softmax ignores a shift of a whole row and any
+# column it pushes far down, so a tolerance relative to the logits could be inflated at will; one in nats cannot,
+# and a peek that moves log-probabilities by less than it can improve the loss by at most that much per token.
+# Probe and scoring run the same forward: fp32 without autocast, same batch shape, so the model cannot tell them
+# apart by dtype or shape. Honest models give exactly 0 on CPU (same shapes, deterministic kernels); on CUDA, kernels
+# that reduce with atomics (split-K) may move a fp32 log-prob by ~1e-6 of its size (log-probs are ~1-20 nats).
+CPU_PROBE_NATS = 1e-5
+CUDA_PROBE_NATS = 2e-4  # unverified on a GPU: an honest model with non-deterministic kernels may need more
 MAX_ERROR_CHARS = 2000  # a candidate's exception message can be huge; the result must stay far below a pipe's buffer
 # torch rewrites these itself (torch._dynamo on import and on the first torch.compile): a candidate that compiles
 # is no cheat, and the evaluator calls none of them once candidate code has run
@@ -65,7 +74,8 @@ _to, _item = torch.Tensor.to, torch.Tensor.item
 _from_numpy, _logsumexp, _gather, _unsqueeze, _squeeze = (torch.from_numpy, torch.logsumexp, torch.gather,
                                                           torch.unsqueeze, torch.squeeze)
 _sub, _abs, _amax, _sum, _all, _isfinite = torch.sub, torch.abs, torch.amax, torch.sum, torch.all, torch.isfinite
-_no_grad, _autocast, _load_state_dict, _eval = torch.no_grad, torch.autocast, _Module.load_state_dict, _Module.eval
+_log_softmax = torch.log_softmax
+_no_grad, _load_state_dict, _eval = torch.no_grad, _Module.load_state_dict, _Module.eval
 _function_modes, _dispatch_modes = torch._C._len_torch_function_stack, torch._C._len_torch_dispatch_stack
 _perf_counter, _sha256, _os_write, _os_exit = time.perf_counter, hashlib.sha256, os.write, os._exit
 _encode_json = json.JSONEncoder(allow_nan=False).encode
@@ -151,19 +161,22 @@ def load_checkpoint(weights: Path) -> tuple[dict, dict]:
     return checkpoint["config"], checkpoint["model"]
 
 
-def make_probe_cases(val_row: np.ndarray, vocab: int, window: int, seed: int) -> list:
-    """[(base [2, T], [(t, changed [2, T]), ...])]: in `changed`, every token >= t of row 0 and every token of row 1
-    differs from `base`. Row 0 of the bases: random tokens, then a real val row (a model may cheat on text only)."""
+def make_probe_cases(val_rows: np.ndarray, vocab: int, seed: int) -> list:
+    """[(base [B, T], [(t, changed [B, T]), ...])] for val_rows [B, T] (the first scoring batch, so the probe's
+    batches have the scoring's shape): in `changed`, every token >= t of row 0 and every token of rows 1.. differs
+    from `base`. Row 0 of the bases: random tokens, then the real val row (a model may cheat on text only); the
+    other rows: random tokens."""
     rng = np.random.default_rng(seed)
+    batch, window = val_rows.shape
     cuts = sorted({1, window // 2, window - 1, int(rng.integers(1, window))})
     cases = []
-    for row0 in (rng.integers(0, vocab, window), val_row.astype(np.int64)):
-        base = np.stack([row0, rng.integers(0, vocab, window)])
+    for row0 in (rng.integers(0, vocab, window), val_rows[0].astype(np.int64)):
+        base = np.concatenate([row0[None], rng.integers(0, vocab, (batch - 1, window))])
         variants = []
         for t in cuts:
             changed = base.copy()
             changed[0, t:] = (changed[0, t:] + rng.integers(1, vocab, window - t)) % vocab  # a shift in [1, V) mod V
-            changed[1] = (changed[1] + rng.integers(1, vocab, window)) % vocab
+            changed[1:] = (changed[1:] + rng.integers(1, vocab, (batch - 1, window))) % vocab
             variants.append((t, torch.from_numpy(changed)))
         cases.append((torch.from_numpy(base), variants))
     return cases
@@ -216,11 +229,11 @@ def import_build_model(code_dir: Path):
 
 
 def checked_forward(model, idx: torch.Tensor, min_vocab: int, snapshot: dict) -> torch.Tensor:
-    """The model's logits for idx [B, T]: a plain torch.Tensor [B, T, V >= min_vocab], all finite."""
-    cuda = idx.device.type == "cuda"
+    """The model's logits for idx [B, T]: a plain torch.Tensor [B, T, V >= min_vocab], all finite.
+    No autocast: the probe and the scoring see the model in the same precision (the model's own, fp32 weights)."""
     batch, window = idx.shape
     try:
-        with _no_grad(), _autocast(device_type=idx.device.type, dtype=torch.bfloat16, enabled=cuda):
+        with _no_grad():
             logits = model(idx)
     except Exception as e:
         raise EvalError(f"the model's forward failed on a [{batch}, {window}] batch: {type(e).__name__}: {e}") from e
@@ -238,28 +251,33 @@ def checked_forward(model, idx: torch.Tensor, min_vocab: int, snapshot: dict) ->
 
 
 class ProbeFailure(EvalError):
-    """The causality probe failed; max_diff is the largest logit change seen up to the failure."""
+    """The causality probe failed; max_diff is the largest log-probability change (nats) seen up to the failure."""
 
     def __init__(self, max_diff: float, message: str):
         super().__init__(message)
         self.max_diff = max_diff
 
 
+def row0_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """What the loss sees of row 0: log-probabilities [T, V], in float64 (exact enough that only the model moves them)."""
+    return _log_softmax(_to(logits[0], torch.float64), -1)
+
+
 def probe_causality(forward, cases: list, device: torch.device, seed: int) -> float:
-    """Max |change| of row 0's logits before each cut over all cases; raise when one exceeds the tolerance."""
-    rel_tol = CUDA_PROBE_TOL if device.type == "cuda" else CPU_PROBE_TOL
+    """Max |change| in nats of row 0's log-probabilities before each cut over all cases; raise when one exceeds the
+    absolute tolerance (CPU_PROBE_NATS, CUDA_PROBE_NATS: no output of the candidate moves it)."""
+    tol = CUDA_PROBE_NATS if device.type == "cuda" else CPU_PROBE_NATS
     max_diff = 0.0
     for base, variants in cases:
-        base_logits = _to(forward(_to(base, device)), torch.float32)
-        tol = rel_tol * max(1.0, _item(_amax(_abs(base_logits[0]))))
+        base_lp = row0_log_probs(forward(_to(base, device)))  # [T, V]
         for t, changed in variants:
-            changed_logits = _to(forward(_to(changed, device)), torch.float32)
-            diff = _item(_amax(_abs(_sub(changed_logits[0, :t], base_logits[0, :t]))))
+            changed_lp = row0_log_probs(forward(_to(changed, device)))
+            diff = _item(_amax(_abs(_sub(changed_lp[:t], base_lp[:t]))))
             max_diff = max(max_diff, diff)
             if diff > tol:
-                raise ProbeFailure(max_diff, f"causality probe failed: logits at positions < {t} moved by {diff:.3g} "
-                                             f"(tolerance {tol:.3g}) when later tokens or another row changed "
-                                             f"(probe seed {seed})")
+                raise ProbeFailure(max_diff, f"causality probe failed: log-probabilities at positions < {t} moved by "
+                                             f"{diff:.3g} nats (tolerance {tol:g}) when later tokens or another row "
+                                             f"changed (probe seed {seed})")
     return max_diff
 
 
@@ -287,6 +305,8 @@ def run(args: argparse.Namespace, result: dict) -> None:
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     loss_dtype = torch.float32 if device.type == "cuda" else torch.float64
+    if device.type == "cuda":  # fp32 matmuls on tensor cores (TF32): ~8x faster, deterministic for equal shapes
+        torch.set_float32_matmul_precision("high")
     code_dir = Path(args.code).resolve()
     scored = 0 if args.probe_only else args.tokens
 
@@ -300,7 +320,11 @@ def run(args: argparse.Namespace, result: dict) -> None:
         raise EvalError(f"{args.data}: val token id {int(tokens.max())} is outside the manifest's vocab_size {data_vocab}")
     min_vocab = max(data_vocab, int(config.get("vocab_size", 0)))
     probe_seed = secrets.randbits(32)
-    probe_cases = make_probe_cases(tokens[:args.window], data_vocab, args.window, probe_seed)
+    rows = max(scored, args.window) // args.window
+    # every forward gets [batch, T]: the last scoring batch is padded with copies of window 0, whose loss is dropped
+    inputs = tokens[:rows * args.window].reshape(rows, args.window)
+    inputs = np.concatenate([inputs, np.repeat(inputs[:1], -rows % args.batch, axis=0)])
+    probe_cases = make_probe_cases(inputs[:args.batch], data_vocab, probe_seed)
     tokens_digest = _sha256(tokens.tobytes()).digest()
     canary_logits = torch.randn(1, args.window, min_vocab, generator=torch.Generator().manual_seed(0)).to(device)
     canary_targets = _from_numpy(tokens[None, 1:args.window + 1].astype(np.int64)).to(device)
@@ -328,14 +352,13 @@ def run(args: argparse.Namespace, result: dict) -> None:
         result["causal"] = True
 
         # 5. val loss over fixed, non-overlapping windows
-        inputs = tokens[:scored].reshape(-1, args.window)
         targets = tokens[1:scored + 1].reshape(-1, args.window)
         total_nats = 0.0
-        for start in range(0, len(inputs), args.batch):
+        for start in range(0, len(targets), args.batch):
             logits = forward(_to(_from_numpy(inputs[start:start + args.batch].astype(np.int64)), device))
             # targets become tensors only after the forward: the model never gets hold of them
             batch_targets = _to(_from_numpy(targets[start:start + args.batch].astype(np.int64)), device)
-            total_nats += nll_sum(logits, batch_targets, loss_dtype)
+            total_nats += nll_sum(logits[:len(batch_targets)], batch_targets, loss_dtype)
     except BaseException:
         require_untouched(snapshot)  # a patch explains the crash it caused better than the crash does
         raise
@@ -416,18 +439,19 @@ def evaluate(code_dir, weights, data_dir, tokens: int, window: int, batch: int =
     The child imports `agent` from TRUSTED_ROOT (PYTHONPATH), never from the worktree, which it puts on sys.path only
     after `agent` is loaded. Its working directory is a fresh empty folder, and PYTHONSAFEPATH keeps even that off
     sys.path: the run directory is candidate-written and must not shadow `agent`, `torch` or `numpy`.
+    `env` (default: this process's environment) reaches the child without secrets (agent/child_env.py).
     """
     read_fd, write_fd = os.pipe()
     command = [python, "-m", "agent.evaluate", "--code", str(Path(code_dir).resolve()),
                "--weights", str(Path(weights).resolve()), "--data", str(Path(data_dir).expanduser().resolve()),
                "--tokens", str(tokens), "--window", str(window), "--batch", str(batch), "--device", device,
                "--result-fd", str(write_fd)] + (["--probe-only"] if probe_only else [])
-    child_env = dict(os.environ if env is None else env, PYTHONPATH=str(TRUSTED_ROOT), PYTHONSAFEPATH="1")
+    env = child_env({"PYTHONPATH": str(TRUSTED_ROOT), "PYTHONSAFEPATH": "1"}, base=env)
     with tempfile.TemporaryDirectory(prefix="ratchet-eval-") as cwd, tempfile.TemporaryFile() as log:
         if wrap is not None:  # the sandbox: `wrap(command, writable_dir)` -> the command to launch
             command = wrap(command, Path(cwd))
         try:
-            process = subprocess.Popen(command, cwd=cwd, env=child_env, pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
+            process = subprocess.Popen(command, cwd=cwd, env=env, pass_fds=(write_fd,), stdin=subprocess.DEVNULL,
                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         finally:
             os.close(write_fd)

@@ -3,6 +3,8 @@
 Protected files (the harness, the evaluator, tests, kernel references, ratchet.toml) are hashed when the
 baseline is measured and re-checked in the worktree before every run and every evaluation: a mismatch
 stops the experiment with the file's name, whatever route the change took (edit, script, symlink).
+The dataset is fingerprinted at the baseline and checked against it before every run (sizes, the manifest's
+hash) and in full (every file's sha256 against the manifest) at the baseline and once per process.
 """
 import fnmatch
 import hashlib
@@ -54,22 +56,53 @@ def check_integrity(tree: Path, protected: list[str], expected: dict[str, str]) 
 def data_fingerprint(data_dir: Path) -> dict[str, str]:
     """The dataset's manifest (which holds every shard's sha256) and the sizes of the shard files.
 
-    Hashing a FineWeb-sized dataset before every run would cost minutes, so runs check sizes and the
-    manifest's own hash; the full hashes are checked by `ratchet init`/`baseline`.
+    Hashing a FineWeb-sized dataset (~20 GB) before every run would cost minutes, so runs compare this with the
+    fingerprint taken at the baseline (sizes, and the manifest's own hash, which pins the shard hashes it lists);
+    `verify_data` checks those hashes in full at the baseline and once in every process that runs experiments.
     """
     data_dir = Path(data_dir)
     manifest = data_dir / "manifest.json"
-    fp = {"manifest.json": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.exists() else "missing"}
+    fp = {"manifest.json": _sha256(manifest) if manifest.exists() else "missing"}
     for shard in sorted(data_dir.glob("*.bin")):
         fp[shard.name] = str(shard.stat().st_size)
     return fp
 
 
-def verify_data(data_dir: Path) -> None:
-    """Full check: every shard's sha256 against the manifest."""
+def check_data(data_dir: Path, expected: dict[str, str]) -> None:
+    """Raise IntegrityError naming the first file whose fingerprint differs from `expected` (the baseline's)."""
     data_dir = Path(data_dir)
+    actual = data_fingerprint(data_dir)
+    for name in sorted(set(expected) | set(actual)):
+        if expected.get(name) != actual.get(name):
+            if name not in actual or actual[name] == "missing":
+                what = "missing"
+            elif name not in expected:
+                what = "added"
+            elif name == "manifest.json":
+                what = "rewritten"
+            else:
+                what = f"resized ({actual[name]} bytes, {expected[name]} at the baseline)"
+            raise IntegrityError(f"data file {what} since the baseline: {data_dir / name}")
+
+
+def verify_data(data_dir: Path) -> None:
+    """Full check: every file the manifest lists (shards, tokenizer) against its sha256. Nothing to check
+    without a manifest (a bring-your-own dataset): the sizes in the fingerprint are all there is then."""
+    data_dir = Path(data_dir)
+    if not (data_dir / "manifest.json").exists():
+        return
     manifest = json.loads((data_dir / "manifest.json").read_text())
-    for entry in manifest["files"]:
+    for entry in manifest["files"] + ([manifest["tokenizer"]] if manifest.get("tokenizer") else []):
         path = data_dir / entry["name"]
-        if not path.exists() or hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
-            raise IntegrityError(f"data file changed or missing: {path}")
+        if not path.exists():
+            raise IntegrityError(f"data file missing: {path}")
+        if _sha256(path) != entry["sha256"]:
+            raise IntegrityError(f"data file changed (sha256 differs from manifest.json): {path}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

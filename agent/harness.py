@@ -5,13 +5,15 @@ Trust boundaries, in the order an edit crosses them:
   2. policy.check_files: AST rules on the edited files reject timer/library patches, processes, network, foreign reads
   3. guard.check_integrity: protected files in the worktree equal their baseline hashes (before every run and evaluation)
   4. sandbox.wrap: runs execute under bubblewrap, no network, only their run dir writable, no validation data mounted
-  5. runner.run_training: the training process is timed from outside, as a whole process group, env scrubbed of secrets
+  5. runner.run_training: the training process is timed from outside, as a whole process group; every child's
+     environment (training, smoke, evaluator) comes from child_env.child_env: no secrets
   6. evaluate.evaluate: val loss and the causality probe come from a separate process that owns the val data
   7. judge.Judge: interleaved runs and a one-sided test decide; a failed run is a rejection with its reason, never a number
 Crash safety: each decision is saved in exp-<id>/result.json before the branch or ledger moves, so `recover()` can
 finish it; an experiment without result.json is discarded and re-run.
 """
 import fcntl
+import hashlib
 import json
 import os
 import shlex
@@ -35,8 +37,8 @@ from agent.edits import EditError, apply_edit, parse_edit, tree_fingerprint
 from agent.evaluate import evaluate
 from agent.judge import CANDIDATE, INCUMBENT, Judge, JudgeParams, target_from_baseline
 from agent.ledger import Ledger
-from agent.runner import (AbortPolicy, Progress, RunResult, cpu_threads_per_rank, kill_leftovers, run_training,
-                          scrubbed_env)
+from agent.child_env import child_env
+from agent.runner import AbortPolicy, Progress, RunResult, cpu_threads_per_rank, kill_leftovers, run_training
 from agent.settings import Settings
 from agent.workspace import Workspace, trailers
 
@@ -99,6 +101,7 @@ class Harness:
         self.device_lock = threading.Lock()
         self.snapshot_lock = threading.Lock()
         self.should_stop = lambda: False
+        self._data_verified = False  # the dataset's full check (every sha256) runs once per process
 
     def lock(self) -> None:
         """One Ratchet process per tag: held until this process exits (the kernel drops it even after kill -9)."""
@@ -123,6 +126,22 @@ class Harness:
         if "baseline" not in state:
             raise HarnessError(f"no baseline for tag {self.ws.tag!r}: run `ratchet baseline --tag {self.ws.tag}` first")
         return state
+
+    def check_data(self, new_baseline: bool = False) -> None:
+        """The dataset is the one the baseline measured: every file's sha256 once per process (a resume, a new
+        command), the fingerprint (sizes, the manifest's hash) before every run. A change is a broken setup, not a
+        verdict: HarnessError naming the file, and the experiment in flight stays unrecorded.
+        `new_baseline`: the full check only; the baseline about to be measured pins the data as it is now."""
+        try:
+            if not self._data_verified or new_baseline:
+                guard.verify_data(self.settings.data_dir)
+                self._data_verified = True
+            expected = self.state.get("data_fingerprint")
+            if expected is not None and not new_baseline:
+                guard.check_data(self.settings.data_dir, expected)
+        except guard.IntegrityError as e:
+            raise HarnessError(f"{e}: the dataset is not the one the baseline measured; restore it, or measure a new "
+                               f"baseline under a new tag") from None
 
     def judge_params(self) -> JudgeParams:
         j = self.settings.judge
@@ -161,7 +180,7 @@ class Harness:
         }
         if not torch.cuda.is_available():
             extra["GLOO_SOCKET_IFNAME"] = "lo"
-        return scrubbed_env(os.environ, extra)
+        return child_env(extra)
 
     def _sandbox(self, cmd: list[str], worktree: Path, run_dir: Path, train: bool) -> list[str]:
         if not self.sandboxed:
@@ -181,10 +200,12 @@ class Harness:
     def measure(self, arm: str, worktree: Path, run_dir: Path, seed: int, *, timeout: float,
                 policy: AbortPolicy | None = None, smoke: bool = False) -> Measurement:
         s = self.settings
+        self.check_data()
         expected = self.state.get("protected_hashes")
         if expected is not None:
             guard.check_integrity(worktree, s.paths.protected, expected)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(run_dir, ignore_errors=True)  # what an interrupted run left (a final.pt) must not be evaluated
+        run_dir.mkdir(parents=True)
         with self.device_lock:
             result: RunResult = run_training(
                 self._sandbox(self._command(smoke), worktree, run_dir, train=True), cwd=worktree,
@@ -218,21 +239,23 @@ class Harness:
         """Measure the incumbent [judge] baseline_runs times and set the target. `should_stop` is asked between
         runs: Stopped leaves no baseline (the next call measures it again)."""
         self.recover()
-        state = self.state
-        if "baseline" in state and not force:
-            return state["baseline"]
+        if "baseline" in self.state and not force:
+            return self.state["baseline"]
         s = self.settings
         head = self.ws.ensure_branch()
-        exp_id = self.ledger.next_id()
+        exp_id, done = self._claim(f"baseline of {head}", head)
+        runs = [Measurement(**entry) for entry in done]
         exp_dir = self.ledger.exp_dir(exp_id)
         self.events.experiment(exp_id, "baseline")
+        if not runs:  # a resumed baseline keeps the data and hashes its finished runs were measured with
+            self.check_data(new_baseline=True)
         wt = self.ws.add_worktree("incumbent", head)
-        hashes = guard.protected_hashes(wt, s.paths.protected)
-        state.update(protected_hashes=hashes, data_fingerprint=guard.data_fingerprint(s.data_dir))
+        state = self.state
+        state.update(protected_hashes=guard.protected_hashes(wt, s.paths.protected),
+                     data_fingerprint=state.get("data_fingerprint") if runs else guard.data_fingerprint(s.data_dir))
         self.ledger.save_state(state)
-        runs = []
         try:
-            for i in range(s.judge.baseline_runs):
+            for i in range(len(runs), s.judge.baseline_runs):
                 if should_stop():
                     raise Stopped()
                 self.events.run_started(INCUMBENT, i, None)
@@ -240,6 +263,7 @@ class Harness:
                                  policy=AbortPolicy())
                 if not m.ok:
                     raise HarnessError(f"baseline run {i} failed: {m.status}: {m.reason} (log: {m.log})")
+                self.ledger.add_to_journal(exp_id, asdict(m))
                 runs.append(m)
         finally:
             self.ws.remove_worktree(wt)
@@ -251,6 +275,7 @@ class Harness:
                     "curve": runs[-1].curve, "id": exp_id}
         state.update(baseline=baseline, incumbent={"commit": head, "seconds": seconds, "val_losses": losses,
                                                     "curve": runs[-1].curve})
+        state.pop("inflight", None)
         self.ledger.append({
             "id": exp_id, "kind": "baseline", "parent": head, "proposer": "", "hypothesis": "baseline",
             "decision": "baseline", "reason": f"target {target:.4f}", "runs": [asdict(m) for m in runs],
@@ -324,14 +349,13 @@ class Harness:
         significantly faster stops at the judge's first look (see `_judge`).
         `should_stop` is asked between runs; when it says yes, Stopped is raised and the experiment stays in flight."""
         self.recover()
-        state = self.require_baseline()
-        exp_id = self.ledger.next_id()
-        exp_dir = self.ledger.exp_dir(exp_id)
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        (exp_dir / "edit.txt").write_text(text)
+        self.require_baseline()
+        self.check_data()
         parent = self.ws.head()
-        state["inflight"] = {"id": exp_id, "parent": parent}
-        self.ledger.save_state(state)
+        exp_id, done = self._claim(experiment_key(kind, text, length), parent)
+        state = self.state
+        exp_dir = self.ledger.exp_dir(exp_id)
+        (exp_dir / "edit.txt").write_text(text)
         row = {"id": exp_id, "kind": kind, "parent": parent, "proposer": proposer, "hypothesis": "", "rationale": "",
                "diff": "", "runs": [], "time": time.time(), "sandbox": self.sandbox_note, **(extra or {})}
         self.should_stop = should_stop
@@ -372,7 +396,7 @@ class Harness:
                                     "policy: " + policy.format_findings(policy.rejecting(findings)))
             inc_wt = self.ws.add_worktree("incumbent", parent)
             decision, reason, verdict = self._judge(cand_wt, inc_wt, exp_dir, row, state["incumbent"],
-                                                    state["baseline"]["target"], calibrate_noise)
+                                                    state["baseline"]["target"], calibrate_noise, done)
             row["verdict"] = verdict
             return self._finish(row, exp_dir, cand_wt, decision, reason)
         except guard.IntegrityError as e:
@@ -383,8 +407,10 @@ class Harness:
                     self.ws.remove_worktree(wt)
 
     def _judge(self, cand_wt: Path, inc_wt: Path, exp_dir: Path, row: dict, incumbent: dict, target: float,
-               calibrate_noise: float | None = None):
+               calibrate_noise: float | None = None, done: tuple = ()):
         """Smoke run, then interleaved timed runs until the judge decides. -> (decision, reason, verdict dict)
+        `done`: the smoke and the timed runs this experiment finished before an interruption (its journal), in order;
+        they are taken as measured and only the rest is run.
 
         With `calibrate_noise`, a candidate that clearly learns better (calibrate.beats) at the judge's first look
         but is not yet significantly faster is rejected there: it learns better than it needs to, so the runs are
@@ -392,19 +418,39 @@ class Harness:
         only removes acceptances, so it cannot raise the judge's false-accept rate."""
         s = self.settings
         inc_seconds = sum(incumbent["seconds"]) / len(incumbent["seconds"])
+        done = list(done)
         # smoke: a few untimed steps and the causality probe, before any timed run
-        self.events.stage("smoke run")
-        smoke = self.measure(CANDIDATE, cand_wt, exp_dir / "smoke", seed=0, smoke=True, policy=AbortPolicy(),
-                             timeout=s.train.timeout_factor * inc_seconds)
+        if done:
+            smoke = Measurement(**done.pop(0))
+            self.events.stage(f"resuming: the smoke run and {len(done)} timed runs were measured before")
+        else:
+            self.events.stage("smoke run")
+            smoke = self.measure(CANDIDATE, cand_wt, exp_dir / "smoke", seed=0, smoke=True, policy=AbortPolicy(),
+                                 timeout=s.train.timeout_factor * inc_seconds)
+            if smoke.ok:
+                self.ledger.add_to_journal(row["id"], asdict(smoke))
         row["smoke"] = asdict(smoke)
         if not smoke.ok:
             return "rejected", failure_reason(smoke), None
         row["order_seed"] = order_seed(self.ws.tag, row["id"])
         judge = Judge(self.judge_params(), target, row["order_seed"])
         inc_curve = incumbent["curve"]
-        verdict = judge.verdict()
-        index = 0
-        while verdict.state == "continue":
+        for entry in done:
+            m = Measurement(**entry)
+            row["runs"].append(entry)
+            judge.add(m.arm, m.seconds, m.val_loss)
+            inc_curve = m.curve if m.arm == INCUMBENT else inc_curve
+        index = len(done)
+        while True:
+            verdict = judge.verdict()
+            if verdict.state != "continue":
+                break
+            first_look = len(judge.runs) == 2 * judge.params.min_pairs
+            if (first_look and calibrate_noise is not None and calibrate.beats(
+                    verdict.val_loss_mean, target, [r["val_loss"] for r in row["runs"] if r["arm"] == INCUMBENT],
+                    calibrate_noise)):
+                return "rejected", (f"val loss {verdict.val_loss_mean:.4f} beats the target and the incumbent by more than the noise "
+                                    f"and not significantly faster at the first look: calibrate"), asdict(verdict)
             if self.should_stop():
                 raise Stopped()
             arm = judge.next_arm()
@@ -428,14 +474,8 @@ class Harness:
                 raise HarnessError(f"the incumbent failed ({m.status}: {m.reason}); log: {m.log}")
             if arm == INCUMBENT:
                 inc_curve = m.curve
+            self.ledger.add_to_journal(row["id"], asdict(m))
             judge.add(arm, m.seconds, m.val_loss)
-            verdict = judge.verdict()
-            first_look = len(judge.runs) == 2 * judge.params.min_pairs
-            if (verdict.state == "continue" and first_look and calibrate_noise is not None and calibrate.beats(
-                    verdict.val_loss_mean, target, [r["val_loss"] for r in row["runs"] if r["arm"] == INCUMBENT],
-                    calibrate_noise)):
-                return "rejected", (f"val loss {verdict.val_loss_mean:.4f} beats the target and the incumbent by more than the noise "
-                                    f"and not significantly faster at the first look: calibrate"), asdict(verdict)
         return verdict.state, verdict.reason, asdict(verdict)
 
     # ------------------------------------------------------------------ the loop's entry points
@@ -450,6 +490,7 @@ class Harness:
 
     def record_failure(self, proposal, extra: dict) -> dict:
         self.recover()
+        self._drop_inflight()
         row = {"id": self.ledger.next_id(), "kind": "run", "parent": self.ws.head(), "proposer": proposal.proposer,
                "hypothesis": proposal.hypothesis, "decision": "failed", "reason": f"proposer failed: {proposal.error}",
                "runs": [], "time": time.time(), **extra}
@@ -555,7 +596,7 @@ class Harness:
         return rows
 
     def _replay_one(self, original: str, parent: str, commit: str, state: dict) -> dict:
-        exp_id = self.ledger.next_id()
+        exp_id, done = self._claim(f"replay:{original}", parent)
         exp_dir = self.ledger.exp_dir(exp_id)
         message = self.ws.message(original)
         row = {"id": exp_id, "kind": "replay", "parent": parent, "commit": commit, "replay_of": original,
@@ -569,13 +610,14 @@ class Harness:
         reference = max(state["baseline"], state["incumbent"], key=lambda x: sum(x["seconds"]) / len(x["seconds"]))
         try:
             decision, reason, verdict = self._judge(cand_wt, inc_wt, exp_dir, row, reference,
-                                                    state["baseline"]["target"])
+                                                    state["baseline"]["target"], done=done)
         finally:
             self.ws.remove_worktree(cand_wt)
             self.ws.remove_worktree(inc_wt)
         row["verdict"] = verdict
         record_decision(row, "reproduced" if decision == "accepted" else "not reproduced", reason)
         self.ledger.append(row)
+        self._drop_inflight()
         self.events.decided(row)
         return row
 
@@ -608,20 +650,45 @@ class Harness:
         self.ledger.save_state(state)
 
     def recover(self) -> None:
-        """After a crash or kill -9: kill its orphaned runs, finish a saved decision, or discard the interrupted experiment."""
+        """After a crash or kill -9: kill its orphaned runs and finish a saved decision. An experiment interrupted
+        before its decision stays in flight with the runs it finished (its journal): `_claim` resumes it when the
+        same experiment is asked for again and discards it when another is."""
         kill_leftovers(str(self.ledger.dir) + "/")
-        state = self.state
-        inflight = state.get("inflight")
+        inflight = self.state.get("inflight")
         if inflight:
-            exp_dir = self.ledger.exp_dir(inflight["id"])
-            result = exp_dir / "result.json"
+            result = self.ledger.exp_dir(inflight["id"]) / "result.json"
             if result.exists():
                 self._publish(json.loads(result.read_text()))
-            else:
-                shutil.rmtree(exp_dir, ignore_errors=True)
-                state.pop("inflight")
-                self.ledger.save_state(state)
         self.ws.remove_all_worktrees()
+
+    def _drop_inflight(self) -> None:
+        """Forget the experiment in flight; its folder goes too unless the ledger already has its row."""
+        state = self.state
+        inflight = state.pop("inflight", None)
+        if inflight is None:
+            return
+        if self.ledger.row(inflight["id"]) is None:
+            shutil.rmtree(self.ledger.exp_dir(inflight["id"]), ignore_errors=True)
+        self.ledger.save_state(state)
+
+    def _claim(self, key: str, parent: str) -> tuple[str, list]:
+        """(id, finished runs) of the experiment `key` on `parent`, now in flight: the interrupted one when it is
+        the same experiment (its runs as recorded in its journal), else a new one (an interrupted other is dropped)."""
+        inflight = self.state.get("inflight")
+        if inflight and inflight.get("key") == key and inflight["parent"] == parent:
+            return inflight["id"], self.ledger.journal(inflight["id"])
+        self._drop_inflight()
+        state = self.state
+        exp_id = self.ledger.next_id()
+        self.ledger.exp_dir(exp_id).mkdir(parents=True, exist_ok=True)
+        state["inflight"] = {"id": exp_id, "parent": parent, "key": key}
+        self.ledger.save_state(state)
+        return exp_id, []
+
+
+def experiment_key(kind: str, text: str, length: int | None) -> str:
+    """What makes two requests the same experiment, for resume: the edit's text, its kind and calibrated length."""
+    return f"{kind}:{length}:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def order_seed(tag: str, exp_id: str) -> int:

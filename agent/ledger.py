@@ -1,4 +1,5 @@
-"""runs/<tag>/: the ledger (one JSON row per experiment), results.tsv, and state.json for resume.
+"""runs/<tag>/: the ledger (one JSON row per experiment), results.tsv, state.json and each experiment's journal
+of finished runs, for resume.
 
 Crash safety: a row is one `write` on an O_APPEND descriptor followed by fsync, so a kill -9 leaves
 either the whole row or a torn last line, which `rows()` ignores. state.json is replaced atomically.
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from agent.redaction import redact
 
+JOURNAL = "runs.jsonl"  # exp-<id>/runs.jsonl: the finished runs of an experiment (or baseline) in flight
 TSV_COLUMNS = ["id", "kind", "decision", "reason", "speedup", "candidate_s", "incumbent_s", "p_value", "val_loss",
                "proposer", "hypothesis"]
 
@@ -49,24 +51,13 @@ class Ledger:
         self.state_path = self.dir / "state.json"
 
     def rows(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        rows = []
-        for line in self.path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a torn last line from a kill -9 mid-write
-        return rows
+        return _read_lines(self.path)
 
     def row(self, exp_id: str) -> dict | None:
         return next((r for r in self.rows() if r["id"] == exp_id), None)
 
     def append(self, row: dict) -> None:
-        # repair a torn last line first, so this row starts on a line of its own
-        if self.path.exists() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n"):
-            _append_line(self.path, "\n")
-        _append_line(self.path, redact(json.dumps(row, sort_keys=True)) + "\n")
+        _append_json_line(self.path, row)
         if not self.tsv.exists():
             _append_line(self.tsv, "\t".join(TSV_COLUMNS) + "\n")
         _append_line(self.tsv, redact("\t".join(_cell(row.get(c)) for c in TSV_COLUMNS)) + "\n")
@@ -86,3 +77,30 @@ class Ledger:
 
     def write_json(self, path: Path, obj) -> None:
         _atomic_write(path, redact(json.dumps(obj, indent=2, sort_keys=True)))
+
+    # each finished run of the experiment in flight, durable the moment it is measured: a resume re-runs none of them
+    def journal(self, exp_id: str) -> list[dict]:
+        return _read_lines(self.exp_dir(exp_id) / JOURNAL)
+
+    def add_to_journal(self, exp_id: str, entry: dict) -> None:
+        _append_json_line(self.exp_dir(exp_id) / JOURNAL, entry)
+
+
+def _append_json_line(path: Path, obj) -> None:
+    """One JSON line, redacted; a torn last line from a kill -9 is closed first, so this one starts on its own."""
+    if path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+        _append_line(path, "\n")
+    _append_line(path, redact(json.dumps(obj, sort_keys=True)) + "\n")
+
+
+def _read_lines(path: Path) -> list[dict]:
+    """The JSON objects of a .jsonl file, skipping a torn last line from a kill -9 mid-write."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows

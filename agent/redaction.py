@@ -1,13 +1,13 @@
 """Secrets (API keys) never reach a log, a ledger, a commit or a report.
 
 Two defenses, one definition of a secret: child processes get an environment without secret variables
-(`is_secret_name`), and every text Ratchet writes passes through `redact`, which replaces the values of
+(`is_secret_name`, applied by agent/child_env.py), and every text Ratchet writes passes through `redact`, which replaces the values of
 the secret variables of this process.
 """
 import os
 import re
 
-SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.I)
+SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|PRIVATE|^AWS_", re.I)  # variable names that may hold one
 MIN_SECRET_LEN = 8  # shorter values ("1", "true") would redact ordinary text
 
 

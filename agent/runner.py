@@ -41,8 +41,6 @@ OUTLIVED = "process outlived the run (background work)"
 
 # `step {s}/{total} loss {x:.4f} elapsed {t:.2f}s`, the whole line; digit counts bounded because the text is untrusted
 PROGRESS_RE = re.compile(r"step (\d{1,12})/(\d{1,12}) loss (-?\d{1,12}\.\d{1,12}|-?nan|-?inf) elapsed (\d{1,12}\.\d{1,12})s")
-# environment names that may hold secrets; the training process gets none of them
-SECRET_NAME_RE = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|PRIVATE|^AWS_", re.IGNORECASE)
 # an explicit error line: "error: ..." as nanomodel.train prints it, or argparse's "prog: error: ..."
 ERROR_LINE_RE = re.compile(r"(?:^|: )error: ")
 RANK_PREFIX_RE = re.compile(r"^\[(?:rank|default)\d+\]:\s?")  # torchrun's per-rank prefix when it tees worker output
@@ -81,13 +79,6 @@ def parse_progress(line: str, wall: float) -> Progress | None:
     if not 0 <= step <= total or total == 0:
         return None
     return Progress(step, total, float(m[3]), float(m[4]), wall)
-
-
-def scrubbed_env(base: Mapping[str, str], extra: Mapping[str, str]) -> dict[str, str]:
-    """`base` without secrets and without the parent's RATCHET_* variables, then `extra` on top."""
-    env = {k: v for k, v in base.items() if not SECRET_NAME_RE.search(k) and not k.startswith("RATCHET_")}
-    env.update(extra)
-    return env
 
 
 def cpu_threads_per_rank(nproc: int) -> int:

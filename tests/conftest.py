@@ -3,6 +3,10 @@
 TRITON_INTERPRET must be set before any @triton.jit kernel module is imported (Triton reads it at decoration
 time), so it is set here, at import. setdefault: `TRITON_INTERPRET=0 pytest` on a GPU box runs the kernel tests
 on CUDA with compiled kernels instead of the interpreter on CPU.
+
+Tests marked `sandbox` need bubblewrap. Where it is missing or cannot build a sandbox they are skipped with the
+reason and the install line, and the run ends with one loud line that counts them; with RATCHET_REQUIRE_SANDBOX=1
+(CI) that is an error instead, so the sandbox tier always runs there.
 """
 
 import os
@@ -14,6 +18,10 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+
+from agent import sandbox
+
+SANDBOX_SKIPPED = pytest.StashKey[tuple]()  # (tests skipped, why) when the sandbox tier could not run
 
 # stdlib modules that make a ~1.6 MB corpus: enough for a 4096-token BPE and an evaluator's val slice
 CORPUS_MODULES = ["argparse", "ast", "calendar", "collections/__init__", "configparser", "dataclasses", "datetime",
@@ -35,3 +43,21 @@ def dataset(tmp_path_factory) -> Path:
     for name in CORPUS_MODULES:
         shutil.copy(stdlib / f"{name}.py", src / (name.replace("/", "_") + ".py"))
     return prepare("textdir", root=tmp_path_factory.mktemp("data"), path=src, name="testcorpus")
+
+
+def pytest_collection_modifyitems(config, items):
+    needs_sandbox = [item for item in items if item.get_closest_marker("sandbox")]
+    ok, why = sandbox.available() if needs_sandbox else (True, "")
+    if ok:
+        return
+    if os.environ.get("RATCHET_REQUIRE_SANDBOX") == "1":
+        raise pytest.UsageError(f"RATCHET_REQUIRE_SANDBOX=1, but {len(needs_sandbox)} sandbox tests cannot run: {why}")
+    for item in needs_sandbox:
+        item.add_marker(pytest.mark.skip(reason=f"needs the sandbox: {why}"))
+    config.stash[SANDBOX_SKIPPED] = (len(needs_sandbox), why)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if SANDBOX_SKIPPED in config.stash:
+        count, why = config.stash[SANDBOX_SKIPPED]
+        terminalreporter.write_line(f"SANDBOX TESTS DID NOT RUN: {count} skipped: {why}", red=True, bold=True)

@@ -14,12 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agent.evaluate import EvalError, evaluate, read_val_tokens
+from agent.evaluate import (CPU_PROBE_NATS, EvalError, ProbeFailure, evaluate, make_probe_cases, probe_causality,
+                            read_val_tokens)
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = {"vocab_size": 72, "seq_len": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}
 BOS = 64  # the dataset's <|bos|>; ids 0..63 are text tokens; the model's vocab (72) is padded past the data's (65)
-TOKENS, WINDOW, BATCH = 128, 16, 4  # 8 windows in 2 batches of 4; the probe runs batches of 2
+TOKENS, WINDOW, BATCH = 128, 16, 4  # 8 windows in 2 batches of 4; the probe runs batches of 4 too
 
 
 def write_shard(path, tokens, count=None):
@@ -137,6 +138,69 @@ def test_model_that_sees_the_next_position_fails_the_probe(tmp_path, model_and_w
     assert result["val_loss"] is None
 
 
+# What the loss ignores of the logits: a shift of a whole row (softmax is shift-invariant), and columns pushed so far
+# down that exp() of them is 0. Each inflates max |logit|, the quantity the probe's old relative tolerance grew with.
+LOSS_BLIND = {
+    "huge shift": "logits + 1e5",
+    "shift that depends on the future": "logits + 2.0 * (idx.roll(-1, dims=1) % 4)[..., None].float()",
+    "buried columns": "torch.cat([logits, torch.full_like(logits[..., :8], -1e5)], dim=-1)",
+}
+PEEK = "logits + 5.0 * torch.nn.functional.one_hot(idx.roll(-1, dims=1), logits.size(-1)).float()"  # a bonus for the next token
+
+
+def probe_model(expression: str):
+    """The lead's GPT with random weights, its logits replaced by `expression` of (logits, idx), and probe cases."""
+    from nanomodel.model import build_model
+    torch.manual_seed(0)
+    model = build_model(CONFIG).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+
+    def forward(idx):
+        with torch.no_grad():
+            logits = model(idx)
+            return eval(expression, {"torch": torch}, {"logits": logits, "idx": idx})
+
+    val_rows = np.random.default_rng(1).integers(0, BOS, (BATCH, WINDOW))
+    return forward, make_probe_cases(val_rows, BOS + 1, seed=3)
+
+
+def logit_change_under_old_tolerance(forward, cases) -> bool:
+    """Whether every logit change stays within the old rule, 1e-4 * max(1, max |logit|): what got through before."""
+    for base, variants in cases:
+        base_logits = forward(base)
+        tol = 1e-4 * max(1.0, base_logits[0].abs().max().item())
+        if any((forward(changed)[0, :t] - base_logits[0, :t]).abs().max().item() > tol for t, changed in variants):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("blind", sorted(LOSS_BLIND))
+def test_transforms_the_loss_ignores_neither_hide_a_peek_nor_fail_an_honest_model(blind):
+    # honest in what the loss sees: passes, whatever the logits' magnitude or their dependence on the future
+    forward, cases = probe_model(LOSS_BLIND[blind])
+    assert probe_causality(forward, cases, torch.device("cpu"), seed=3) <= CPU_PROBE_NATS
+    # a peek at the next token under the same transform: fails, although the old tolerance would let it through
+    cheat = LOSS_BLIND[blind].replace("logits", f"({PEEK})", 1)
+    forward, cases = probe_model(cheat)
+    if blind != "shift that depends on the future":  # that one moves the logits by up to 6 anyway
+        assert logit_change_under_old_tolerance(forward, cases)
+    with pytest.raises(ProbeFailure, match="log-probabilities at positions < \\d+ moved by .* nats") as failure:
+        probe_causality(forward, cases, torch.device("cpu"), seed=3)
+    assert failure.value.max_diff > 1.0
+
+
+def test_a_peek_hidden_by_a_huge_shift_fails_in_the_evaluator_and_scores_nothing(tmp_path, model_and_weights):
+    """The whole evaluator: the probe in its own process, on the candidate's model and checkpoint."""
+    _, weights = model_and_weights
+    data, _, _ = make_dataset(tmp_path / "data", tokenizer=False)
+    worktree = make_worktree(tmp_path, wrap_logits(LOSS_BLIND["huge shift"].replace("logits", f"({PEEK})", 1)))
+    result = run_eval(worktree, weights, data)
+    assert result["ok"] is False and result["causal"] is False and result["val_loss"] is None
+    assert "causality probe failed" in result["error"] and result["probe_max_diff"] > 1.0
+
+
 def test_model_that_mixes_rows_of_the_batch_fails_the_probe(tmp_path, model_and_weights):
     _, weights = model_and_weights
     data, _, _ = make_dataset(tmp_path / "data", tokenizer=False)
@@ -177,9 +241,12 @@ def test_candidate_that_overrides_a_torch_kernel_of_the_scoring_is_rejected(tmp_
 
 def test_non_finite_logits_on_the_val_batches_only_are_a_failure_not_a_number(tmp_path, model_and_weights):
     _, weights = model_and_weights
-    data, _, _ = make_dataset(tmp_path / "data", tokenizer=False)
-    # the probe's batches hold 2 rows, the val batches 4: NaN only where the score is computed
-    worktree = make_worktree(tmp_path, wrap_logits("logits * float('nan') if idx.shape[0] != 2 else logits"))
+    data, val, _ = make_dataset(tmp_path / "data", tokenizer=False)
+    # the probe's batches have the val batches' shape and its row 0 is random or val window 0: NaN only where the
+    # score of a later val window is computed (the second batch starts with window BATCH)
+    second = val[BATCH * WINDOW:BATCH * WINDOW + 4].tolist()
+    worktree = make_worktree(tmp_path, wrap_logits(
+        f"logits * float('nan') if idx[0, :4].tolist() == {second} else logits"))
     result = run_eval(worktree, weights, data)
     assert result["causal"] is True
     assert result["ok"] is False and result["val_loss"] is None and "non-finite" in result["error"]

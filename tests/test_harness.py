@@ -2,6 +2,7 @@
 evaluator, real judge. The same pipeline on real cpu-test training is in test_e2e.py (slow)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -171,6 +172,71 @@ def test_a_proposers_smoke_check_spots_a_duplicate_before_running_it(repo, capsy
     assert other.ok and other.log_tail == "smoke run passed"
 
 
+@pytest.mark.parametrize("command", ["try", "run"])
+@pytest.mark.parametrize("change", ["a byte of a train shard", "the val shard truncated"])
+def test_a_changed_shard_stops_before_any_verdict(tmp_path, dataset, capsys, monkeypatch, change, command):
+    """A byte flipped in place (same size: only the full sha256 check sees it, once per process) or a truncated
+    shard (the fingerprint before every run sees it): exit 2 naming the file, no experiment recorded, nothing in
+    flight, the branch where it was."""
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    root = make_repo(tmp_path / "target", data)
+    monkeypatch.chdir(root)
+    ratchet(capsys, "baseline")
+    head = git.Repo(root).git.rev_parse("ratchet/default")
+    shard = sorted(data.glob("*_train_*.bin" if change.startswith("a byte") else "*_val_*.bin"))[0]
+    raw = bytearray(shard.read_bytes())
+    if change.startswith("a byte"):
+        raw[-1] ^= 0xFF
+        shard.write_bytes(bytes(raw))
+    else:
+        shard.write_bytes(bytes(raw[:len(raw) // 2]))
+    fast = tmp_path / "fast.txt"
+    fast.write_text(edit("SLEEP = 0.1", "SLEEP = 0.05", "sleep less"))
+    args = ["try", str(fast)] if command == "try" else ["run", "--proposer", "catalog", "--max-experiments", "2"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.replace("\n", "")  # the console wraps long lines
+    assert "data file" in err and shard.name in err and "not the one the baseline measured" in err, err
+    assert [r["kind"] for r in ledger(root)] == ["baseline"]
+    assert "inflight" not in json.loads((root / "runs" / "default" / "state.json").read_text())
+    assert git.Repo(root).git.rev_parse("ratchet/default") == head
+
+
+SECRETS = {"ANTHROPIC_API_KEY": "sk-ant-test-0123456789", "OPENAI_API_KEY": "sk-test-9876543210",
+           "HF_TOKEN": "hf_test_0123456789", "MY_SERVICE_PASSWORD": "hunter2-hunter2", "AWS_SECRET_ACCESS_KEY": "aws-0123456789"}
+
+
+def test_no_child_process_gets_a_secret(repo, capsys, tmp_path, monkeypatch):
+    """Training runs, smoke runs (the harness's and a proposer's) and the evaluator: every child Ratchet starts for
+    an experiment gets an explicit environment without a secret. git and tar (Ratchet's own tools on its own repo,
+    never candidate code) are left out."""
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    launched = []
+    popen_init = subprocess.Popen.__init__
+
+    def spy(self, args, *rest, **kwargs):
+        launched.append(([str(a) for a in args], kwargs.get("env")))
+        popen_init(self, args, *rest, **kwargs)
+    monkeypatch.setattr(subprocess.Popen, "__init__", spy)
+
+    ratchet(capsys, "baseline")
+    fast = tmp_path / "fast.txt"
+    fast.write_text(edit("SLEEP = 0.1", "SLEEP = 0.05", "sleep less"))
+    assert ratchet(capsys, "try", str(fast))["decision"] == "accepted"
+    h = Harness(repo, settings.load(repo), "default")
+    assert h.smoke_check(edit("STEPS = 8", "STEPS = 7", "one step less"), h.ws.head()).ok
+
+    ours = [(argv, env) for argv, env in launched if os.path.basename(argv[0]) not in ("git", "tar")]
+    commands = [" ".join(argv) for argv, _ in ours]
+    assert sum("nanomodel.fake_train" in c and "--steps" not in c for c in commands) >= 2 + 8  # baseline + pairs
+    assert sum("nanomodel.fake_train" in c and "--steps" in c for c in commands) == 2  # harness's, proposer's smoke
+    assert sum("agent.evaluate" in c for c in commands) >= 2 + 4 + 1  # every evaluated run and the smoke's probe
+    for argv, env in ours:
+        assert env is not None, f"{argv} inherits Ratchet's whole environment"
+        assert not [k for k in env if k in SECRETS] and not set(env.values()) & set(SECRETS.values()), argv
+
+
 def _wait_for(predicate, timeout: float):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -195,14 +261,47 @@ def test_kill_9_mid_experiment_then_resume(repo, capsys, tmp_path):
     assert state["inflight"]["id"] == "0002"
     assert [r["id"] for r in ledger(repo)] == ["0001"]  # nothing half-recorded
     assert git.Repo(repo).git.rev_parse("ratchet/default") == git.Repo(repo).git.rev_parse("HEAD")
+    finished = [json.loads(line) for line in (tag_dir / "exp-0002" / "runs.jsonl").read_text().splitlines()]
+    assert len(finished) == 3  # the smoke run and two timed runs
 
-    out = ratchet(capsys, "try", str(fast))  # the same command resumes: the interrupted experiment re-runs
+    out = ratchet(capsys, "try", str(fast))  # the same command resumes the interrupted experiment
     assert out["id"] == "0002" and out["decision"] == "accepted"
     rows = ledger(repo)
     assert [r["id"] for r in rows] == ["0001", "0002"]
+    # the smoke run and the two timed runs finished before the kill are taken as measured, not run again
+    assert rows[1]["smoke"] == finished[0] and rows[1]["runs"][:2] == finished[1:]
+    assert len(rows[1]["runs"]) > 2
     assert "inflight" not in json.loads((tag_dir / "state.json").read_text())
     assert git.Repo(repo).git.rev_parse("ratchet/default") == out["commit"]
     assert not any((tag_dir / "worktrees").iterdir())
+
+
+def test_kill_9_mid_baseline_then_resume_keeps_the_finished_run(repo, capsys):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "baseline", "--json"], cwd=repo, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    tag_dir = repo / "runs" / "default"
+    assert _wait_for(lambda: any(tag_dir.glob("exp-0001/run-01/train.log")), 120)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = [json.loads(line) for line in (tag_dir / "exp-0001" / "runs.jsonl").read_text().splitlines()]
+    assert len(finished) == 1 and not (tag_dir / "ledger.jsonl").exists()
+
+    out = ratchet(capsys, "baseline")
+    row = ledger(repo)[0]
+    assert out["decision"] == "baseline" and row["id"] == "0001" and len(row["runs"]) == 2
+    assert row["runs"][0] == finished[0]  # measured once, before the kill
+    assert "inflight" not in json.loads((tag_dir / "state.json").read_text())
+
+
+def test_another_experiment_drops_the_interrupted_one(repo, capsys, tmp_path):
+    ratchet(capsys, "baseline")
+    h = Harness(repo, settings.load(repo), "default")
+    exp_id, done = h._claim("try:None:one", h.ws.head())
+    h.ledger.add_to_journal(exp_id, {"arm": "candidate"})
+    assert h._claim("try:None:one", h.ws.head()) == (exp_id, [{"arm": "candidate"}])  # the same: resumed
+    other, done = h._claim("try:None:two", h.ws.head())
+    assert (other, done) == (exp_id, []) and not (h.ledger.exp_dir(exp_id) / "runs.jsonl").exists()
 
 
 def test_decision_saved_before_publish_is_finished_on_recover(repo, capsys, tmp_path, monkeypatch):

@@ -17,8 +17,10 @@ import uuid
 import pytest
 
 from agent import runner
+from agent.child_env import child_env
+from agent.redaction import is_secret_name
 from agent.runner import (OUTLIVED, AbortPolicy, Progress, RunnerError, cpu_threads_per_rank, parse_progress,
-                          run_training, scrubbed_env)
+                          run_training)
 
 MARK = "RUNNER_TEST_MARK"
 
@@ -40,7 +42,7 @@ def live_with_mark(mark: str) -> list[int]:
 def launch(tmp_path, cmd: list[str], **kwargs):
     """run_training with a fresh marker in the environment; returns (result, marker)."""
     mark = uuid.uuid4().hex
-    env = scrubbed_env(os.environ, {MARK: mark, "PYTHONUNBUFFERED": "1"})
+    env = child_env({MARK: mark, "PYTHONUNBUFFERED": "1"})
     kwargs.setdefault("timeout", 20)
     result = run_training(cmd, cwd=tmp_path, env=env, log_path=tmp_path / "exp" / "run.log", **kwargs)
     return result, mark
@@ -187,7 +189,7 @@ def test_keyboard_interrupt_kills_the_group_and_propagates(tmp_path, ctrl_c_rais
         if line == "ready":
             os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, delivered to this (the harness's) process
     mark = uuid.uuid4().hex
-    env = scrubbed_env(os.environ, {MARK: mark})
+    env = child_env({MARK: mark})
     with pytest.raises(KeyboardInterrupt):
         run_training(sh("sleep 30 & echo ready; sleep 30"), cwd=tmp_path, env=env, log_path=tmp_path / "run.log",
                      timeout=20, on_line=interrupt)
@@ -298,14 +300,17 @@ def test_nan_rule_and_baseline_without_incumbent():
 
 # environment
 
-def test_scrubbed_env_drops_secrets_and_parent_ratchet_vars():
+def test_child_env_drops_secrets_and_parent_ratchet_vars_but_keeps_the_user_knobs():
     base = {"PATH": "/bin", "HOME": "/h", "OMP_NUM_THREADS": "8", "ANTHROPIC_API_KEY": "a", "OPENAI_API_KEY": "o",
             "HF_TOKEN": "h", "GITHUB_TOKEN": "g", "AWS_ACCESS_KEY_ID": "k", "AWS_REGION": "r", "DB_PASSWORD": "p",
-            "SSH_AUTH_SOCK": "s", "GOOGLE_APPLICATION_CREDENTIALS": "c", "client_secret": "x",
-            "RATCHET_SEED": "1", "RATCHET_RUN_ID": "parent"}
-    env = scrubbed_env(base, {"RATCHET_RUN_DIR": "/run", "OMP_NUM_THREADS": "2"})
-    assert env == {"PATH": "/bin", "HOME": "/h", "OMP_NUM_THREADS": "2", "RATCHET_RUN_DIR": "/run"}
+            "SSH_AUTH_SOCK": "s", "GOOGLE_APPLICATION_CREDENTIALS": "c", "client_secret": "x", "DB_PASSWD": "q",
+            "GPG_PRIVATE": "z", "RATCHET_SEED": "1", "RATCHET_RUN_ID": "parent", "RATCHET_KERNELS": "reference"}
+    env = child_env({"RATCHET_RUN_DIR": "/run", "OMP_NUM_THREADS": "2"}, base=base)
+    assert env == {"PATH": "/bin", "HOME": "/h", "OMP_NUM_THREADS": "2", "RATCHET_RUN_DIR": "/run",
+                   "RATCHET_KERNELS": "reference"}
     assert base["RATCHET_SEED"] == "1"  # the caller's mapping is untouched
+    # one definition of a secret: what the children never see is what the ledger and logs redact
+    assert all(is_secret_name(k) for k in set(base) - set(env) if not k.startswith("RATCHET_"))
 
 
 def test_cpu_threads_per_rank():

@@ -19,7 +19,6 @@ from agent.sandbox import SandboxError, SandboxSpec
 
 REPO = Path(__file__).resolve().parents[1]
 TAG_VAR = "SANDBOX_TEST_TAG"  # marks every process a test starts, so that survivors can be found in /proc
-needs_bwrap = pytest.mark.skipif(not sandbox.available()[0], reason=f"no sandbox here: {sandbox.available()[1]}")
 
 
 @pytest.fixture
@@ -88,7 +87,7 @@ def test_a_bwrap_that_cannot_make_namespaces_is_reported(use_bwrap, tmp_path):
     assert not ok and why.startswith("user namespaces disabled (bwrap: No permissions")
 
 
-@needs_bwrap
+@pytest.mark.sandbox
 def test_bad_spec_paths_are_named(spec, tmp_path):
     with pytest.raises(SandboxError, match="worktree.*nowhere"):
         sandbox.wrap(["true"], SandboxSpec(tmp_path / "nowhere", spec.run_dir))
@@ -97,7 +96,7 @@ def test_bad_spec_paths_are_named(spec, tmp_path):
         sandbox.wrap(["true"], spec)
 
 
-@needs_bwrap
+@pytest.mark.sandbox
 def test_no_network_but_a_loopback_of_its_own(spec):
     host_server = socket.create_server(("127.0.0.1", 0))
     port = host_server.getsockname()[1]
@@ -123,7 +122,7 @@ print("loopback", peer.recv(4).decode())
     assert shared.stdout.startswith("reached the host"), shared.stderr
 
 
-@needs_bwrap
+@pytest.mark.sandbox
 def test_sees_the_train_shard_and_nothing_of_the_host(spec, tmp_path):
     host_tmp_secret = tmp_path / "host-tmp-secret.txt"
     host_tmp_secret.write_text("secret")
@@ -150,7 +149,7 @@ except ImportError:
     assert result.stdout.splitlines() == ["['x_train_000000.bin'] b'train tokens'", "[]", "no agent"]
 
 
-@needs_bwrap
+@pytest.mark.sandbox
 def test_writes_only_to_the_run_dir_and_tmp_dies_with_the_run(spec):
     code = """
 import ctypes, os, sys
@@ -180,13 +179,13 @@ for path in map(os.path.expanduser, sys.argv[1:]):
     assert second.stdout.strip() == "[]", second.stderr
 
 
-@needs_bwrap
+@pytest.mark.sandbox
 def test_starts_in_the_worktree(spec):
     result = run_inside(spec, "import os; print(os.getcwd())", cwd="/")
     assert result.stdout.strip() == str(spec.worktree), result.stderr
 
 
-@needs_bwrap
+@pytest.mark.sandbox
 def test_inherited_file_descriptors_reach_the_command(spec):
     read_end, write_end = os.pipe()
     try:
@@ -216,7 +215,7 @@ time.sleep(float(sys.argv[2]))
 """
 
 
-@needs_bwrap
+@pytest.mark.sandbox
 def test_background_processes_end_with_the_command(spec):
     for _ in range(5):  # a reaper that lets bwrap exit first leaves them alive a moment, in a few runs out of 100
         tag = uuid.uuid4().hex
@@ -227,7 +226,7 @@ def test_background_processes_end_with_the_command(spec):
         assert tagged_processes(tag) == []  # at once: the command is the namespace's pid 1, its exit waits for the rest
 
 
-@needs_bwrap
+@pytest.mark.sandbox
 def test_the_runner_finds_no_survivor_after_a_sandboxed_run(spec, tmp_path):
     """Background work dies with the command, before bwrap exits: no process is left for the runner to flag."""
     result = run_training(sandbox.wrap([sys.executable, "-c", SPAWN_AND_HOLD, str(spec.run_dir), "0"], spec),
@@ -236,7 +235,7 @@ def test_the_runner_finds_no_survivor_after_a_sandboxed_run(spec, tmp_path):
     assert (result.status, result.survivors) == ("ok", False), result.reason
 
 
-@needs_bwrap
+@pytest.mark.sandbox
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_killing_the_outer_group_kills_everything_inside(spec, sig):
     """What the runner does on timeout or abort: kill the process group of the command it launched (bwrap)."""
@@ -262,7 +261,7 @@ def test_killing_the_outer_group_kills_everything_inside(spec, sig):
                 os.kill(pid, signal.SIGKILL)
 
 
-@needs_bwrap
+@pytest.mark.sandbox
 def test_torchrun_training_with_two_processes_runs_in_the_sandbox(tmp_path, dataset):
     worktree, train, run_dir = tmp_path / "worktree", tmp_path / "train", tmp_path / "run"
     for package in ("nanomodel", "kernels"):
