@@ -5,8 +5,9 @@ others were accepted) plus, optionally, changes to config values (`scale`, `assi
 against the incumbent's nanomodel/config.py at proposal time: "15% fewer steps" then means 15% of the incumbent's
 steps, whatever earlier wins left there.
 
-Sources: /work/shared/SPEEDRUN_IDEAS.md (numbers in brackets below refer to its list) and the record history
-of KellerJordan/modded-nanogpt.
+Source: the record history of KellerJordan/modded-nanogpt (8xH100, val loss 3.28 on FineWeb). "Speedrun [n]" in a
+rationale is the idea's number in the project's list of the speedups found there (systems 1-10, optimizer 11-16,
+architecture from 17), with the record-to-record gain reported for it.
 """
 from dataclasses import dataclass, field
 
