@@ -158,7 +158,21 @@ def load_checkpoint(weights: Path) -> tuple[dict, dict]:
             and isinstance(checkpoint.get("model"), dict)):
         raise EvalError(f"{weights}: expected {{'config': dict, 'model': state_dict}}, got "
                         f"{sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__}")
-    return checkpoint["config"], checkpoint["model"]
+    return checkpoint["config"], unwrapped(checkpoint["model"])
+
+
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile's OptimizedModule, DistributedDataParallel
+
+
+def unwrapped(state_dict: dict) -> dict:
+    """The state dict of the bare model: a prefix that every key shares because the model was saved through a
+    compile or DDP wrapper (`module._orig_mod.`...) is removed; a prefix only some keys have is a real submodule."""
+    while state_dict:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in state_dict)), None)
+        if prefix is None:
+            break
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
 
 
 def make_probe_cases(val_rows: np.ndarray, vocab: int, seed: int) -> list:

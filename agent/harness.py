@@ -231,6 +231,8 @@ class Harness:
                 elif not smoke:
                     m.val_loss, m.bits_per_byte = ev["val_loss"], ev["bits_per_byte"]
             weights.unlink(missing_ok=True)  # weights are big and never reused: no run can copy another's
+        # compile caches (hundreds of MB per compiled run) are per run by design: nothing reads them again
+        shutil.rmtree(run_dir / "cache", ignore_errors=True)
         self.events.run_finished(m)
         return m
 

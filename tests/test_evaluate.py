@@ -125,6 +125,17 @@ def test_honest_model_scores_the_reference_loss_and_exact_bytes(tmp_path, model_
     assert result["bits_per_byte"] == pytest.approx(result["val_loss"] * TOKENS / math.log(2) / expected_bytes, rel=1e-12)
 
 
+def test_weights_saved_through_compile_or_ddp_load_into_the_bare_model(tmp_path, model_and_weights):
+    model, weights = model_and_weights
+    data, val, _ = make_dataset(tmp_path / "data", tokenizer=False)
+    checkpoint = torch.load(weights, weights_only=True)
+    checkpoint["model"] = {f"module._orig_mod.{k}": v for k, v in checkpoint["model"].items()}
+    torch.save(checkpoint, weights)
+    result = run_eval(make_worktree(tmp_path), weights, data)
+    assert result["ok"], result["error"]
+    assert result["val_loss"] == pytest.approx(reference_nats(model, val) / TOKENS, abs=1e-5)
+
+
 # --- cheats and failures ---------------------------------------------------------------------------------------
 
 

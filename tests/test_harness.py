@@ -202,6 +202,21 @@ def test_a_changed_shard_stops_before_any_verdict(tmp_path, dataset, capsys, mon
     assert git.Repo(root).git.rev_parse("ratchet/default") == head
 
 
+def test_compile_caches_are_deleted_after_each_run(repo, capsys, tmp_path):
+    ratchet(capsys, "baseline")
+    cache = tmp_path / "cache.txt"  # fills the run's inductor cache, then crashes in its first timed run
+    cache.write_text(edit('CRASH = False', 'CRASH = True\n'  # TORCHINDUCTOR_CACHE_DIR is RATCHET_RUN_DIR/cache/inductor
+                          'CACHE = os.path.join(os.environ["RATCHET_RUN_DIR"], "cache", "inductor")\n'
+                          'os.makedirs(CACHE)\n'
+                          'open(os.path.join(CACHE, "k.so"), "wb").write(bytes(4096))',
+                          "compile, then crash"))
+    out = ratchet(capsys, "try", str(cache))
+    assert out["decision"] == "rejected" and "crashed" in out["reason"]
+    exp_dir = repo / "runs" / "default" / f"exp-{out['id']}"
+    assert (exp_dir / "smoke" / "train.log").exists() and list(exp_dir.glob("run-*/train.log"))
+    assert not list(exp_dir.glob("**/k.so")) and not list(exp_dir.glob("**/cache"))
+
+
 SECRETS = {"ANTHROPIC_API_KEY": "sk-ant-test-0123456789", "OPENAI_API_KEY": "sk-test-9876543210",
            "HF_TOKEN": "hf_test_0123456789", "MY_SERVICE_PASSWORD": "hunter2-hunter2", "AWS_SECRET_ACCESS_KEY": "aws-0123456789"}
 
