@@ -239,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("report", cmd_report, "write runs/<tag>/report.html and progress.png")
     command("log", cmd_log, "the experiments as a table")
     command("status", cmd_status, "where the session stands")
-    p = command("bench", cmd_bench, "benchmarks: judge (simulation), model (training speed here), loop (overhead)")
-    p.add_argument("what", choices=["judge", "model", "loop"])
+    p = command("bench", cmd_bench, "benchmarks: judge (simulation), night (a simulated night of verdicts), model (training speed here), loop (overhead)")
+    p.add_argument("what", choices=["judge", "night", "model", "loop"])
     p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 

@@ -7,8 +7,8 @@ import pytest
 
 from agent import bench_judge
 from agent.judge import (
-    BLOCK, CANDIDATE, INCUMBENT, Judge, JudgeParams, TimeOutcome, candidate_mask, decide_times, pair_log_ratios,
-    target_from_baseline,
+    BLOCK, CANDIDATE, INCUMBENT, Judge, JudgeParams, NoisePrior, TimeOutcome, baseline_runs_needed, candidate_mask,
+    decide, decide_times, look_stats, noise_prior, pair_log_ratios, target_from_baseline, within_ss,
 )
 
 TARGET = 3.30
@@ -211,3 +211,150 @@ def test_bench_prints_a_row_per_noise_and_speedup(capsys):
     out = capsys.readouterr().out
     for noise in bench_judge.NOISE_MODELS:
         assert out.count(noise.name) == len(bench_judge.SPEEDUPS)
+
+
+# ------------------------------------------------------------------ with a noise prior (earlier experiments)
+def judged_session(rng, speedup: float, cv: float, order_seed: int):
+    """An experiment's (arm, seconds) runs in the judge's order."""
+    order = Judge(JudgeParams(), TARGET, order_seed).order
+    return [(arm, 17.0 * math.exp(rng.normal(0, cv)) * ((1 - speedup) if arm == CANDIDATE else 1.0)) for arm in order]
+
+
+def test_noise_prior_pools_within_experiments():
+    # Two experiments whose pairs differ by their own mean effect: only the deviations count.
+    runs_a = [(INCUMBENT, 10.0), (CANDIDATE, 10.0 * math.exp(0.1)), (CANDIDATE, 10.0 * math.exp(0.3)),
+              (INCUMBENT, 10.0)]
+    runs_b = [(CANDIDATE, 10.0 * math.exp(-0.5)), (INCUMBENT, 10.0), (INCUMBENT, 10.0),
+              (CANDIDATE, 10.0 * math.exp(-0.3)), (INCUMBENT, 10.0)]  # a trailing unpaired run is ignored
+    baseline = [(INCUMBENT, s) for s in (10.0, 10.0 * math.exp(0.02), 10.0 * math.exp(-0.02))]
+    prior = noise_prior([runs_a, runs_b, baseline])
+    ss = 0.02 + 0.02 + 2 * 0.0008  # d: 0.1, 0.3 | -0.5, -0.3 | log seconds 0, 0.02, -0.02 (x 2, a difference)
+    assert prior.df == 1 + 1 + 2
+    assert prior.var == pytest.approx(ss / 4)
+    assert noise_prior([runs_a[:2], []]) is None  # one pair: no degree of freedom
+    with pytest.raises(ValueError, match="one incumbent and one candidate"):
+        noise_prior([[(CANDIDATE, 1.0), (CANDIDATE, 1.0)]])
+    with pytest.raises(ValueError, match="noise prior"):
+        NoisePrior(0.0, 3)
+
+
+def test_noise_prior_from_simulated_history_is_unbiased():
+    rng = np.random.default_rng(11)
+    sessions = [judged_session(rng, speedup, 0.05, seed) for seed, speedup in enumerate([0.0, 0.1, -0.2, 0.3] * 25)]
+    prior = noise_prior(sessions)
+    assert prior.df == 100 * 9
+    assert prior.var == pytest.approx(2 * 0.05 ** 2, rel=0.15)  # var(d) = 2 cv^2 whatever each edit's effect
+
+
+def test_prior_lets_the_first_look_come_after_one_block():
+    params = JudgeParams()
+    prior = NoisePrior(2 * 0.01 ** 2, 40)
+    rng = np.random.default_rng(12)
+    with_prior = [run_session(Judge(params, TARGET, s, prior), noisy(rng, 0.10, cv=0.01)) for s in range(10)]
+    without = [run_session(Judge(params, TARGET, s), noisy(rng, 0.10, cv=0.01)) for s in range(10)]
+    assert all(v.state == "accepted" and v.n_pairs == params.prior_first_look == 2 for v in with_prior)
+    assert all(v.state == "accepted" and v.n_pairs >= params.min_pairs for v in without)
+    assert all(v.p_value < params.alpha and v.speedup_lower > 0 for v in with_prior)
+    nulls = [run_session(Judge(params, TARGET, s, prior), noisy(rng, 0.0, cv=0.01)) for s in range(20)]
+    assert all(v.state == "rejected" for v in nulls) and np.mean([v.n_pairs for v in nulls]) < 3
+
+
+def test_judge_with_prior_matches_vectorised_decisions():
+    rng = np.random.default_rng(13)
+    params = JudgeParams()
+    for speedup in (-0.05, 0.0, 0.02, 0.05):
+        judges = [Judge(params, TARGET, seed, NoisePrior(2 * 0.02 ** 2, 30)) for seed in range(8)]
+        is_candidate = np.array([[arm == CANDIDATE for arm in judge.order] for judge in judges])
+        sessions = 17.0 * np.exp(rng.normal(0, 0.02, is_candidate.shape)) * np.where(is_candidate, 1 - speedup, 1.0)
+        outcome, n_pairs = decide_times(pair_log_ratios(sessions, is_candidate), params, judges[0].prior)
+        for judge, row, expected, n in zip(judges, sessions, outcome, n_pairs):
+            verdict = run_session(judge, lambda i, arm: row[i])
+            assert verdict.n_pairs == n
+            assert (verdict.state == "accepted") == (expected == TimeOutcome.FASTER)
+            assert Judge.from_runs(params, TARGET, judge.order_seed, judge.runs, judge.prior).verdict() == verdict
+
+
+def simulate_with_history(rng, trials: int, cv: float, history_sd: float = 1.0, candidate_sd: float = 1.0,
+                          speedup: float = 0.0, params: JudgeParams = JudgeParams()):
+    """Accept rate of the judge with a prior pooled from 10 earlier 4-pair experiments whose sd was the true one
+    / history_sd; the candidate's runs have candidate_sd x the incumbent's sd."""
+    history = candidate_mask(rng.random((trials * 10, 2)) < 0.5)
+    ratios = pair_log_ratios(np.exp(rng.normal(0, cv / history_sd, history.shape)), history).reshape(trials, 10, 4)
+    prior = NoisePrior(within_ss(ratios).sum(-1) / 30, 30)
+    is_candidate = candidate_mask(rng.random((trials, params.max_pairs // 2)) < 0.5)
+    sd = np.where(is_candidate, candidate_sd * cv, cv)
+    seconds = np.exp(rng.normal(0, 1, is_candidate.shape) * sd + is_candidate * np.log1p(-speedup))
+    outcome, _ = decide_times(pair_log_ratios(seconds, is_candidate), params, prior)
+    return float(np.mean(outcome == TimeOutcome.FASTER))
+
+
+@pytest.mark.parametrize("history_sd, candidate_sd", [(1.0, 1.0), (1.5, 1.0), (1.0, 2.0)],
+                         ids=["history right", "history sd 1.5x too small", "candidate sd 2x"])
+def test_false_accepts_within_alpha_when_the_history_misleads(history_sd, candidate_sd):
+    rng = np.random.default_rng(14)
+    assert simulate_with_history(rng, 20000, 0.05, history_sd, candidate_sd) <= JudgeParams().alpha
+
+
+def test_safeguards_are_what_keeps_a_misleading_history_within_alpha():
+    """Without the inflation and the F check (a level that never fires), a history whose sd is 1.5x too small
+    breaks alpha about four times over: the test above can fail."""
+    rng = np.random.default_rng(15)
+    naive = JudgeParams(prior_inflation=1.0, prior_check_alpha=1e-9)
+    assert simulate_with_history(rng, 20000, 0.05, history_sd=1.5, params=naive) > 2 * naive.alpha
+
+
+def test_power_for_two_percent_at_gpu_noise_with_prior():
+    assert simulate_with_history(np.random.default_rng(16), 4000, 0.003, speedup=0.02) >= 0.95
+
+
+def test_f_check_drops_a_history_that_the_pairs_contradict():
+    params = JudgeParams()
+    ratios = np.array([[-0.35, 0.05, -0.33, 0.07, -0.36, 0.06]])  # own sd ~0.2, the history says 0.05
+    history = NoisePrior(0.05 ** 2, 40)
+    own = look_stats(ratios, JudgeParams(min_pairs=6))
+    checked = look_stats(ratios, params, history)
+    assert checked.p_faster[0] == pytest.approx(own.p_faster[0])  # own pairs only: 5 df
+    trusted = look_stats(ratios, JudgeParams(prior_check_alpha=1e-9), history)  # a check that never fires
+    assert trusted.p_faster[0] < 1e-3 < 0.05 < own.p_faster[0]
+
+
+def test_unprovable_speedup_stops_with_its_reason():
+    # CPU noise, a 3% speedup: at max_pairs it would need about 10% observed; the first block says so.
+    rng = np.random.default_rng(17)
+    verdicts = [run_session(Judge(JudgeParams(), TARGET, s, NoisePrior(2 * 0.05 ** 2, 40)), noisy(rng, 0.03))
+                for s in range(30)]
+    unprovable = [v for v in verdicts if v.reason.endswith("too small to prove within 10 pairs")]
+    assert len(unprovable) >= 5 and all(v.n_pairs < 10 and v.speedup > 0 for v in unprovable)
+
+
+def test_decide_vectorises_the_val_loss_rules():
+    params = JudgeParams(val_reject_after=1)
+    ratios = np.full((3, 4), -0.2) + np.array([[0.001, -0.001, 0.001, -0.001]])
+    val = np.array([[3.0, 3.0, 3.0, 3.0], [3.4, 3.0, 3.0, 3.0], [3.31, 3.31, 3.0, 3.0]])
+    outcome, val_rejected, n = decide(ratios, val, TARGET, params, NoisePrior(1e-4, 40))
+    assert outcome.tolist() == [TimeOutcome.FASTER] * 3
+    assert val_rejected.tolist() == [False, True, True]  # ok; far above after one run; mean above at the decision
+    assert n.tolist() == [2, 1, 2]
+
+
+def test_baseline_runs_needed():
+    gpu = dict(val_losses=[3.2800, 3.2803, 3.2801], seconds=[300.0, 300.3, 299.9])
+    assert baseline_runs_needed(gpu["val_losses"][:2], gpu["seconds"][:2]) == 3  # two runs never prove it
+    assert baseline_runs_needed(**gpu) == 3  # settled: tiny spreads
+    cpu = dict(val_losses=[4.78, 4.80, 4.76], seconds=[17.0, 18.1, 16.2])
+    assert baseline_runs_needed(**cpu) == 4  # CV 5%: more
+    assert baseline_runs_needed(cpu["val_losses"] * 2, cpu["seconds"] * 2, max_runs=5) == 5  # at the cap
+    assert baseline_runs_needed([3.3], [10.0]) == 2
+    quiet = NoisePrior(2 * 0.001 ** 2, 200)  # an earlier session measured the machine
+    assert baseline_runs_needed([3.2800, 3.2801], [17.0, 18.1], prior=quiet) == 2
+    with pytest.raises(ValueError, match="one val loss per run"):
+        baseline_runs_needed([3.3], [10.0, 11.0])
+
+
+@pytest.mark.parametrize("field, value", [
+    ("prior_first_look", 3), ("prior_first_look", 12), ("prior_inflation", 0.5), ("prior_max_df", 0),
+    ("prior_check_alpha", 0.0), ("futility_power", 0.5),
+])
+def test_bad_prior_params_raise(field, value):
+    with pytest.raises(ValueError, match=field):
+        JudgeParams(**{field: value})
