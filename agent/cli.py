@@ -21,9 +21,10 @@ from agent.ledger import Ledger
 from agent.settings import SettingsError
 from agent.view import ConsoleEvents, fmt
 from agent.workspace import Workspace, WorkspaceError, has_identity, repo_root
+from nanomodel.data import DataError
 
 ERRORS = (SettingsError, HarnessError, WorkspaceError, EditError, IntegrityError, RunnerError, SandboxError,
-          FileNotFoundError)
+          DataError, FileNotFoundError)
 err = Console(stderr=True)
 
 
@@ -41,9 +42,10 @@ def _emit(args, obj) -> None:
 
 
 def _summary(row: dict) -> dict:
-    keys = ("id", "kind", "decision", "reason", "speedup", "candidate_s", "incumbent_s", "p_value", "val_loss",
-            "target", "commit", "ref", "recorded_speedup", "replay_of")
+    keys = ("id", "kind", "decision", "reason", "stage", "speedup", "candidate_s", "incumbent_s", "p_value",
+            "val_loss", "target", "commit", "ref", "recorded_speedup", "replay_of", "screen")
     out = {k: row.get(k) for k in keys if k in row}
+    out["runs"] = len(row.get("runs", []))  # timed runs started (a screened or aborted run counts)
     out["candidate_seconds"] = [r["seconds"] for r in row.get("runs", []) if r["arm"] == "candidate"]
     out["incumbent_seconds"] = [r["seconds"] for r in row.get("runs", []) if r["arm"] == "incumbent"]
     out["val_losses"] = [r["val_loss"] for r in row.get("runs", []) if r["arm"] == "candidate"]
@@ -56,7 +58,7 @@ def cmd_init(args) -> int:
 
     root = repo_root(Path.cwd())
     gpus = torch.cuda.device_count()
-    preset = args.preset or ("gpt2-124m" if gpus else "cpu-tiny")
+    preset = args.preset or ("gpt2-research" if gpus else "cpu-tiny")
     path = root / settings_mod.FILENAME
     if path.exists() and not args.force:
         err.print(f"{path} exists: keeping it (--force to overwrite)")
@@ -65,11 +67,19 @@ def cmd_init(args) -> int:
         s = settings_mod.preset(preset)
         path.write_text(settings_mod.dumps(s))
         err.print(f"wrote {path} (preset {preset})")
-    if not (s.data_dir / "manifest.json").exists():
+    if "fineweb" in s.data_dir.name:  # every time: it fetches only the shards this config needs and lacks
+        from nanomodel.config import ConfigError
+        from nanomodel.prepare import FINEWEB_TRAIN_SHARDS, fineweb_train_shards, prepare
+        try:  # enough shards that a calibrated longer run repeats no data
+            shards = fineweb_train_shards(s.train.config, headroom=s.length.max_fraction if s.length.calibrate else 1.0)
+        except ConfigError:  # not a nanomodel config (a bring-your-own repo)
+            shards = FINEWEB_TRAIN_SHARDS
+        err.print(f"preparing dataset fineweb ({shards} train shards) in {s.data_dir} ...")
+        prepare("fineweb", root=s.data_dir.parent, name=s.data_dir.name, train_shards=shards)
+    elif not (s.data_dir / "manifest.json").exists():
         from nanomodel.prepare import prepare
-        dataset = "fineweb" if "fineweb" in s.data_dir.name else "stdlib"
-        err.print(f"preparing dataset {dataset} in {s.data_dir} ...")
-        prepare(dataset, root=s.data_dir.parent, name=s.data_dir.name)
+        err.print(f"preparing dataset stdlib in {s.data_dir} ...")
+        prepare("stdlib", root=s.data_dir.parent, name=s.data_dir.name)
     from agent import sandbox
     checks = [
         ("torch", torch.__version__),
@@ -119,10 +129,12 @@ def cmd_replay(args) -> int:
 
 def cmd_log(args) -> int:
     rows = Ledger(repo_root(Path.cwd()) / "runs" / args.tag).rows()
-    table = Table("id", "kind", "decision", "reason", "speedup", "val loss", "hypothesis", title=f"ratchet/{args.tag}")
+    table = Table("id", "kind", "decision", "stage", "runs", "reason", "speedup", "val loss", "hypothesis",
+                  title=f"ratchet/{args.tag}")
     for r in rows:
-        table.add_row(r["id"], r["kind"], r["decision"], (r.get("reason") or "").splitlines()[0][:60] if r.get("reason") else "", fmt(r.get("speedup"), "+.1%"),
-                      fmt(r.get("val_loss"), ".4f"), (r.get("hypothesis") or "")[:60])
+        table.add_row(r["id"], r["kind"], r["decision"], r.get("stage", ""), str(len(r.get("runs", []))),
+                      (r.get("reason") or "").splitlines()[0][:60] if r.get("reason") else "",
+                      fmt(r.get("speedup"), "+.1%"), fmt(r.get("val_loss"), ".4f"), (r.get("hypothesis") or "")[:60])
     Console(width=None if sys.stdout.isatty() else 200).print(table)  # piped: no 80-column wrapping
     return 0
 

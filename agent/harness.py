@@ -35,10 +35,13 @@ import agent as agent_pkg
 from agent import calibrate, guard, policy, sandbox
 from agent.edits import EditError, apply_edit, parse_edit, tree_fingerprint
 from agent.evaluate import evaluate
-from agent.judge import CANDIDATE, INCUMBENT, Judge, JudgeParams, target_from_baseline
+from agent import settings as settings_mod
+from agent.judge import (CANDIDATE, INCUMBENT, Judge, JudgeParams, NoisePrior, baseline_runs_needed, noise_prior,
+                         target_from_baseline)
 from agent.ledger import Ledger
 from agent.child_env import child_env
 from agent.runner import AbortPolicy, Progress, RunResult, cpu_threads_per_rank, kill_leftovers, run_training
+from agent.screen import SCREEN_REASON, IncumbentReference, ScreenMonitor
 from agent.settings import Settings
 from agent.workspace import Workspace, trailers
 
@@ -144,8 +147,44 @@ class Harness:
                                f"baseline under a new tag") from None
 
     def judge_params(self) -> JudgeParams:
-        j = self.settings.judge
-        return JudgeParams(alpha=j.alpha, min_speedup=j.min_speedup, min_pairs=j.min_pairs, max_pairs=j.max_pairs)
+        return settings_mod.judge_params(self.settings)
+
+    def noise_prior(self) -> NoisePrior | None:
+        """The run-time noise this machine showed in every baseline and experiment of the tag so far (each one's
+        finished runs, up to its first failed one), for the judge; None with [judge] use_history off."""
+        if not self.settings.judge.use_history:
+            return None
+        experiments = []
+        for row in self.ledger.rows():
+            runs = []
+            for r in row.get("runs", []):
+                if r["status"] != "ok":
+                    break
+                runs.append((r["arm"], r["seconds"]))
+            experiments.append(runs)
+        return noise_prior(experiments)
+
+    def screen(self, runs_so_far: list[dict], first: AbortPolicy) -> ScreenMonitor | None:
+        """The monitor of a candidate's first timed run, with `first` asked before it: the screen, when this
+        experiment's first block opened with the incumbent. Its reference is that lead run (`runs_so_far`), measured
+        just before on the same machine: incumbent runs measured earlier in the night would read a change of the
+        machine's load as the candidate's pace. The noise comes from every earlier finished run, pooled within each
+        commit. None when [screen] is off, the block opened with the candidate, or the runs cannot make a reference."""
+        lead = [r for r in runs_so_far if r["arm"] == INCUMBENT and r["status"] == "ok" and r.get("curve")]
+        if not self.settings.screen.enabled or not lead:
+            return None
+        by_commit: dict[str, list[dict]] = {}
+        for row in self.ledger.rows():
+            for r in row.get("runs", []):
+                if r["status"] == "ok" and r.get("curve"):
+                    # a candidate's runs are its commit's: the incumbent's when accepted or replayed, noise otherwise
+                    by_commit.setdefault(row["parent"] if r["arm"] == INCUMBENT else row.get("commit"), []).append(r)
+        try:
+            reference = IncumbentReference.from_runs(lead, earlier=list(by_commit.values()))
+        except ValueError as e:
+            self.events.stage(f"no screen: {e}")
+            return None
+        return ScreenMonitor(reference, settings_mod.screen_params(self.settings), first=first)
 
     # ------------------------------------------------------------------ one run
     def _train_data_view(self) -> Path:
@@ -258,6 +297,12 @@ class Harness:
         self.ledger.save_state(state)
         try:
             for i in range(len(runs), s.judge.baseline_runs):
+                if len(runs) >= 2 and baseline_runs_needed(
+                        [m.val_loss for m in runs], [m.seconds for m in runs], s.target.tolerance_sigmas,
+                        s.target.min_tolerance, s.judge.min_speedup, s.judge.baseline_runs,
+                        prior=self.noise_prior()) <= len(runs):
+                    self.events.stage(f"baseline: {len(runs)} runs are enough at this noise")
+                    break
                 if should_stop():
                     raise Stopped()
                 self.events.run_started(INCUMBENT, i, None)
@@ -278,9 +323,14 @@ class Harness:
         state.update(baseline=baseline, incumbent={"commit": head, "seconds": seconds, "val_losses": losses,
                                                     "curve": runs[-1].curve})
         state.pop("inflight", None)
+        reason = f"target {target:.4f}"
+        if sum(losses) / len(losses) > target:  # only a fixed target can be missed by the baseline itself
+            reason += (f"; WARNING: the baseline's own val loss {sum(losses) / len(losses):.4f} misses this fixed target, "
+                       f"so only edits that also learn better can be accepted (too few train shards? a short config?)")
+            self.events.stage(reason)
         self.ledger.append({
             "id": exp_id, "kind": "baseline", "parent": head, "proposer": "", "hypothesis": "baseline",
-            "decision": "baseline", "reason": f"target {target:.4f}", "runs": [asdict(m) for m in runs],
+            "decision": "baseline", "reason": reason, "runs": [asdict(m) for m in runs],
             "incumbent_s": sum(seconds) / len(seconds), "val_loss": sum(losses) / len(losses), "target": target,
             "time": time.time(), "sandbox": self.sandbox_note})
         self.ledger.save_state(state)
@@ -364,15 +414,15 @@ class Harness:
         try:
             edit = parse_edit(text)
         except EditError as e:
-            return self._finish(row, exp_dir, None, "rejected", f"malformed edit: {e}")
+            return self._finish(row, exp_dir, None, "rejected", f"malformed edit: {e}", "edit")
         row.update(hypothesis=edit.hypothesis, rationale=edit.rationale)
         self.events.experiment(exp_id, edit.hypothesis)
         try:
             violation = guard.path_violation(edit.paths(), self.settings.paths.editable, self.settings.paths.protected)
         except EditError as e:
-            return self._finish(row, exp_dir, None, "rejected", f"malformed edit: {e}")
+            return self._finish(row, exp_dir, None, "rejected", f"malformed edit: {e}", "edit")
         if violation:
-            return self._finish(row, exp_dir, None, "rejected", violation)
+            return self._finish(row, exp_dir, None, "rejected", violation, "guard")
         cand_wt = self.ws.add_worktree("candidate", parent)
         inc_wt = None
         try:
@@ -382,27 +432,28 @@ class Harness:
                     calibrate.set_length(cand_wt, self.settings.length.file, self.settings.length.pattern, length)
                     changed = [*changed, self.settings.length.file]
             except (EditError, calibrate.LengthError) as e:
-                return self._finish(row, exp_dir, None, "rejected", f"edit does not apply: {e}")
+                return self._finish(row, exp_dir, None, "rejected", f"edit does not apply: {e}", "edit")
             commit = self.ws.commit(cand_wt, edit.hypothesis or "ratchet edit")
             row["diff"] = self.ws.diff(commit)
             if not row["diff"].strip():
-                return self._finish(row, exp_dir, cand_wt, "rejected", "no change")
+                return self._finish(row, exp_dir, cand_wt, "rejected", "no change", "edit")
             row["fingerprint"] = tree_fingerprint(self.snapshot(parent), cand_wt, changed)
             duplicate = self._duplicate_of(row["fingerprint"])
             if duplicate:
-                return self._finish(row, exp_dir, cand_wt, "rejected", f"duplicate of experiment {duplicate['id']}")
+                return self._finish(row, exp_dir, cand_wt, "rejected", f"duplicate of experiment {duplicate['id']}",
+                                    "edit")
             findings = policy.check_files(cand_wt, changed, old_root=self.snapshot(parent))
             row["policy"] = [asdict(f) for f in findings]
             if policy.rejecting(findings):
                 return self._finish(row, exp_dir, cand_wt, "rejected",
-                                    "policy: " + policy.format_findings(policy.rejecting(findings)))
+                                    "policy: " + policy.format_findings(policy.rejecting(findings)), "policy")
             inc_wt = self.ws.add_worktree("incumbent", parent)
-            decision, reason, verdict = self._judge(cand_wt, inc_wt, exp_dir, row, state["incumbent"],
-                                                    state["baseline"]["target"], calibrate_noise, done)
+            decision, reason, verdict, stage = self._judge(cand_wt, inc_wt, exp_dir, row, state["incumbent"],
+                                                           state["baseline"]["target"], calibrate_noise, done)
             row["verdict"] = verdict
-            return self._finish(row, exp_dir, cand_wt, decision, reason)
+            return self._finish(row, exp_dir, cand_wt, decision, reason, stage)
         except guard.IntegrityError as e:
-            return self._finish(row, exp_dir, cand_wt, "rejected", str(e))
+            return self._finish(row, exp_dir, cand_wt, "rejected", str(e), "guard")
         finally:
             for wt in (cand_wt, inc_wt):
                 if wt is not None:
@@ -410,7 +461,7 @@ class Harness:
 
     def _judge(self, cand_wt: Path, inc_wt: Path, exp_dir: Path, row: dict, incumbent: dict, target: float,
                calibrate_noise: float | None = None, done: tuple = ()):
-        """Smoke run, then interleaved timed runs until the judge decides. -> (decision, reason, verdict dict)
+        """Smoke run, then interleaved timed runs until the judge decides. -> (decision, reason, verdict dict, stage)
         `done`: the smoke and the timed runs this experiment finished before an interruption (its journal), in order;
         they are taken as measured and only the rest is run.
 
@@ -433,9 +484,11 @@ class Harness:
                 self.ledger.add_to_journal(row["id"], asdict(smoke))
         row["smoke"] = asdict(smoke)
         if not smoke.ok:
-            return "rejected", failure_reason(smoke), None
+            return "rejected", failure_reason(smoke), None, "smoke"
         row["order_seed"] = order_seed(self.ws.tag, row["id"])
-        judge = Judge(self.judge_params(), target, row["order_seed"])
+        prior = self.noise_prior()
+        row["prior"] = None if prior is None else {"var": prior.var, "df": prior.df}
+        judge = Judge(self.judge_params(), target, row["order_seed"], prior)
         inc_curve = incumbent["curve"]
         for entry in done:
             m = Measurement(**entry)
@@ -452,7 +505,7 @@ class Harness:
                     verdict.val_loss_mean, target, [r["val_loss"] for r in row["runs"] if r["arm"] == INCUMBENT],
                     calibrate_noise)):
                 return "rejected", (f"val loss {verdict.val_loss_mean:.4f} beats the target and the incumbent by more than the noise "
-                                    f"and not significantly faster at the first look: calibrate"), asdict(verdict)
+                                    f"and not significantly faster at the first look: calibrate"), asdict(verdict), "judge"
             if self.should_stop():
                 raise Stopped()
             arm = judge.next_arm()
@@ -461,9 +514,15 @@ class Harness:
             ref_seconds = sum(r["seconds"] for r in recent) / len(recent) if recent else inc_seconds
             timeout = s.train.timeout_factor * ref_seconds
             policy = AbortPolicy()  # the incumbent: NaN checks only
+            screen = None
             if arm == CANDIDATE:
                 policy = AbortPolicy(ref_seconds, _progress_list(inc_curve), pace_slack=s.abort.pace_slack,
                                      loss_slack=s.abort.loss_slack, min_fraction=s.abort.min_fraction)
+                if not any(r["arm"] == CANDIDATE for r in row["runs"]):
+                    # the first one is the screen's: it judges pace and loss against the incumbent's noise (after
+                    # the NaN rule); later ones, and all when there is no screen, get the abort rules above
+                    screen = self.screen(row["runs"], first=AbortPolicy())
+                    policy = screen or policy
             self.events.run_started(arm, index, None)
             wt = cand_wt if arm == CANDIDATE else inc_wt
             # both arms of a pair share a seed: the pair differs only by the edit
@@ -472,13 +531,16 @@ class Harness:
             index += 1
             if not m.ok:
                 if arm == CANDIDATE:
-                    return "rejected", failure_reason(m), asdict(judge.verdict())
+                    screened = screen is not None and m.reason.startswith(SCREEN_REASON)
+                    if screened:
+                        row["screen"] = screen.last
+                    return "rejected", failure_reason(m), asdict(judge.verdict()), "screen" if screened else "run"
                 raise HarnessError(f"the incumbent failed ({m.status}: {m.reason}); log: {m.log}")
             if arm == INCUMBENT:
                 inc_curve = m.curve
             self.ledger.add_to_journal(row["id"], asdict(m))
             judge.add(arm, m.seconds, m.val_loss)
-        return verdict.state, verdict.reason, asdict(verdict)
+        return verdict.state, verdict.reason, asdict(verdict), "judge"
 
     # ------------------------------------------------------------------ the loop's entry points
     def run_proposal(self, proposal, made_on: str, should_stop=lambda: False, proposal_id: str = "") -> list[dict]:
@@ -611,8 +673,8 @@ class Harness:
         # the parent may be any commit since the baseline: until its first run, assume the slowest known time
         reference = max(state["baseline"], state["incumbent"], key=lambda x: sum(x["seconds"]) / len(x["seconds"]))
         try:
-            decision, reason, verdict = self._judge(cand_wt, inc_wt, exp_dir, row, reference,
-                                                    state["baseline"]["target"], done=done)
+            decision, reason, verdict, row["stage"] = self._judge(cand_wt, inc_wt, exp_dir, row, reference,
+                                                                  state["baseline"]["target"], done=done)
         finally:
             self.ws.remove_worktree(cand_wt)
             self.ws.remove_worktree(inc_wt)
@@ -624,8 +686,10 @@ class Harness:
         return row
 
     # ------------------------------------------------------------------ decision -> git + ledger
-    def _finish(self, row: dict, exp_dir: Path, cand_wt: Path | None, decision: str, reason: str) -> dict:
+    def _finish(self, row: dict, exp_dir: Path, cand_wt: Path | None, decision: str, reason: str, stage: str) -> dict:
+        """`stage`: what decided: edit, guard, policy, smoke, screen, run (a candidate run failed), judge."""
         record_decision(row, decision, reason)
+        row["stage"] = stage
         if cand_wt is not None:
             row["commit"] = self.ws.amend_message(cand_wt, commit_message(row, self.ws.tag))
         self.ledger.write_json(exp_dir / "result.json", row)  # the point of no return: recover() finishes from here

@@ -56,6 +56,8 @@ from scipy import stats
 
 from agent.runner import LOSS_LINES, Progress
 
+SCREEN_REASON = "screen:"  # how a screened run's reason starts
+
 
 @dataclass
 class ScreenParams:
@@ -273,7 +275,7 @@ class ScreenMonitor:
         if not d.reject:
             return None
         n = self.last
-        why = (f"screen: projected {n['projected_s']:.1f}s (optimistic {n['optimistic_s']:.1f}s) vs incumbent "
+        why = (f"{SCREEN_REASON} projected {n['projected_s']:.1f}s (optimistic {n['optimistic_s']:.1f}s) vs incumbent "
                f"{seconds:.1f}s, a win needs < {n['needed_s']:.1f}s")
         if n["steps_factor"] > 1:
             why += (f"; loss {n['loss_gap']:+.3f} behind the incumbent (seed band {n['loss_band']:.3f}) needs "

@@ -8,6 +8,9 @@ import tomllib
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
+from agent.judge import JudgeParams
+from agent.screen import ScreenParams
+
 FILENAME = "ratchet.toml"
 
 
@@ -58,7 +61,30 @@ class Judge:
     min_speedup: float = 0.01        # fraction of wall-clock a win must save
     min_pairs: int = 4               # interleaved pairs before the first look (even: looks follow whole I C C I / C I I C blocks)
     max_pairs: int = 10              # cap on runs per arm (even)
-    baseline_runs: int = 5           # runs of the incumbent for `ratchet baseline`
+    baseline_runs: int = 5           # most runs of the incumbent for `ratchet baseline`; it stops at 2 or more once the
+                                     # noise measured so far allows (agent/judge.py baseline_runs_needed)
+    val_reject_after: int = 1        # reject at once when the first this many candidate runs all miss the target...
+    val_reject_margin: float = 0.02  # ...by more than this (nats): a quality loss far beyond seed noise
+    use_history: bool = True         # judge with the run-time noise that earlier experiments of this tag measured (a noise
+                                     # prior): the first look comes after one block; off: the experiment's own pairs only
+    prior_first_look: int = 2        # with history: first look, in pairs (even)
+    prior_inflation: float = 2.5     # with history: its variance is multiplied by this (tonight may be noisier, or the
+                                     # candidate: a compiled one)
+    prior_max_df: int = 40           # with history: it counts as at most this many degrees of freedom
+    prior_check_alpha: float = 0.05  # with history: dropped at a look whose own pairs are noisier at this level (F test)
+    futility_power: float = 0.2      # with history: stop when the chance to accept by max_pairs, at the speedup so far, < this
+
+
+@dataclass
+class Screen:
+    # watches each candidate's first timed run against the incumbent's pace and training loss, and stops it as soon
+    # as it cannot win (agent/screen.py). It only rejects: acceptance is the judge's alone.
+    enabled: bool = True
+    alpha: float = 0.005             # chance, at one look, of stopping a candidate exactly min_speedup faster
+    loss_alpha: float = 0.001        # chance, at one look, of reading a candidate as good as the incumbent as behind
+    min_fraction: float = 0.15       # no decision before this fraction of the steps (start-up, compilation)
+    look_every: float = 0.05         # decide at the first progress line past each multiple of this fraction
+    loss_min_fraction: float = 0.3   # the loss rule waits for this fraction (schedules differ early); 1: pace only
 
 
 @dataclass
@@ -87,6 +113,7 @@ class Settings:
     eval: Eval = field(default_factory=Eval)
     target: Target = field(default_factory=Target)
     judge: Judge = field(default_factory=Judge)
+    screen: Screen = field(default_factory=Screen)
     abort: Abort = field(default_factory=Abort)
     length: Length = field(default_factory=Length)
 
@@ -141,7 +168,29 @@ def validate(s: Settings) -> Settings:
     for ok, message in checks:
         if not ok:
             raise SettingsError(f"{FILENAME}: {message}")
+    try:  # the statistics' own range checks
+        judge_params(s)
+        screen_params(s)
+    except ValueError as e:
+        raise SettingsError(f"{FILENAME}: {e}") from None
     return s
+
+
+def judge_params(s: Settings) -> JudgeParams:
+    """The judge's parameters from [judge]."""
+    j = s.judge
+    return JudgeParams(alpha=j.alpha, min_speedup=j.min_speedup, min_pairs=j.min_pairs, max_pairs=j.max_pairs,
+                       val_reject_after=j.val_reject_after, val_reject_margin=j.val_reject_margin,
+                       prior_first_look=j.prior_first_look, prior_inflation=j.prior_inflation,
+                       prior_max_df=j.prior_max_df, prior_check_alpha=j.prior_check_alpha,
+                       futility_power=j.futility_power)
+
+
+def screen_params(s: Settings) -> ScreenParams:
+    """The screen's parameters from [screen] (its minimum speedup is the judge's)."""
+    c = s.screen
+    return ScreenParams(min_speedup=s.judge.min_speedup, alpha=c.alpha, loss_alpha=c.loss_alpha,
+                        min_fraction=c.min_fraction, look_every=c.look_every, loss_min_fraction=c.loss_min_fraction)
 
 
 def _one_group(pattern: str) -> bool:
@@ -190,11 +239,20 @@ PRESETS = {
                      length=dict(pattern=r'"cpu-test": Config\([^)]*?steps=(\d+)'),
                      judge=dict(baseline_runs=3, min_pairs=4, max_pairs=8), abort=dict(min_fraction=0.25, pace_slack=0.3)),
     "cpu-tiny": dict(train=dict(config="cpu-tiny", first_timeout=900.0), eval=dict(tokens=65536, window=256, batch=16)),
-    "gpt2-124m": dict(train=dict(config="gpt2-124m", data="~/.cache/ratchet/data/fineweb", first_timeout=7200.0,
-                                 smoke_args="--steps 3 --log_every 1 --batch_size 256"),
+    # The GPU smoke runs 16 sequences a step: 16 splits over 1, 2, 4 and 8 GPUs for every micro batch of 8 or more
+    # (train.py takes min(micro, 16 / world) per rank), at least 2 per rank (with 1, a stray squeeze() misleads).
+    # llm.c / speedrun GPT-2 small, 10B tokens: an estimated 2.3-3.8 hours a run on 8xH100 with this baseline
+    "gpt2-124m": dict(train=dict(config="gpt2-124m", data="~/.cache/ratchet/data/fineweb", first_timeout=21600.0,
+                                 smoke_args="--steps 3 --log_every 1 --batch_size 16"),
                       eval=dict(tokens=10485760, window=1024, batch=16, timeout=1800.0),
                       target=dict(policy="fixed", value=3.28),
                       length=dict(pattern=r'"gpt2-124m": Config\([^)]*?steps=(\d+)')),
+    # GPT-2 small, 262M tokens: an estimated 5 minutes a run on 8xH100, 2M val tokens; beat the baseline's own loss
+    "gpt2-research": dict(train=dict(config="gpt2-research", data="~/.cache/ratchet/data/fineweb",
+                                     first_timeout=3600.0, smoke_args="--steps 3 --log_every 1 --batch_size 16"),
+                          eval=dict(tokens=2097152, window=1024, batch=16, timeout=900.0),
+                          target=dict(policy="baseline"),
+                          length=dict(pattern=r'"gpt2-research": Config\([^)]*?steps=(\d+)')),
 }
 
 

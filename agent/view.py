@@ -50,4 +50,5 @@ class ConsoleEvents(Events):
         self._stop_bar()
         colour = "green" if row["decision"] in ("accepted", "reproduced") else "yellow"
         speed = f" speedup {fmt(row.get('speedup'), '+.1%')}" if row.get("speedup") is not None else ""
-        self.console.print(f"  [{colour}]{row['decision']}[/{colour}]: {row['reason']}{speed}")
+        stage = f" [dim]({row['stage']}, {len(row.get('runs', []))} timed runs)[/dim]" if row.get("stage") else ""
+        self.console.print(f"  [{colour}]{row['decision']}[/{colour}]: {row['reason']}{speed}{stage}")

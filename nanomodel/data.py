@@ -88,11 +88,13 @@ def dataset_dir(name: str, root=None) -> Path:
 def _existing_dir(data_dir) -> Path:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        how = {"stdlib": "stdlib", "fineweb": "fineweb --train-shards 8"}.get(
+        # fineweb: the shard count follows the config's tokens (nanomodel.prepare.fineweb_train_shards)
+        how = {"stdlib": "stdlib", "fineweb": "fineweb --config CONFIG"}.get(
             data_dir.name, f"textdir PATH --name {data_dir.name}")
         if data_dir.parent != data_root():
             how += f" --data-root {data_dir.parent}"
-        raise DataError(f"{data_dir}: dataset not found; run `python -m nanomodel.prepare --dataset {how}`")
+        note = " with CONFIG the config you train (gpt2-research, gpt2-124m)" if data_dir.name == "fineweb" else ""
+        raise DataError(f"{data_dir}: dataset not found; run `python -m nanomodel.prepare --dataset {how}`{note}")
     return data_dir
 
 

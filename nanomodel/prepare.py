@@ -2,13 +2,14 @@
 
     python -m nanomodel.prepare                                # stdlib: offline default
     python -m nanomodel.prepare --dataset textdir PATH --name NAME
-    python -m nanomodel.prepare --dataset fineweb --train-shards 8
+    python -m nanomodel.prepare --dataset fineweb [--config gpt2-research | --train-shards N]
 
 stdlib and textdir take one path: a list of text files, one document each, shuffled with a
 fixed seed and split into train/val at document boundaries; a byte-level BPE trained with
 rustbpe on the train documents (wrapped as a tiktoken.Encoding, saved as tokenizer.pkl);
 each document encoded as <|bos|> + encode_ordinary(text). Same inputs give the same bytes.
-fineweb downloads modded-nanogpt's pre-tokenized GPT-2 shards and validates them.
+fineweb downloads modded-nanogpt's pre-tokenized GPT-2 shards and validates them: the val shard and as
+many train shards of 100M tokens as a named config's run reads (fineweb_train_shards), at most the 103 there are.
 
 Every build goes to a temporary folder beside the target and is renamed into place at the
 end, so an interrupted run never leaves a half dataset. An existing dataset whose manifest
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nanomodel.config import CONFIGS, Config, ConfigError
 from nanomodel.data import (MANIFEST, TOKENIZER, DataError, data_root, dataset_dir, load_manifest,
                             read_shard, train_shards, val_shards, write_shard)
 
@@ -45,7 +47,12 @@ STDLIB_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-package
 STDLIB_SKIP_PREFIXES = ("config-", "_sysconfigdata_")  # build-specific: paths and compiler flags of this machine
 
 FINEWEB_REPO = "kjj0/fineweb10B-gpt2"  # modded-nanogpt's pre-tokenized FineWeb 10B sample, 100M tokens per shard
-FINEWEB_TRAIN_SHARDS = 8  # default download: 800M train tokens (the speedrun uses fewer than 1B)
+FINEWEB_SHARD_TOKENS = 100_000_000  # tokens per train shard (llm.c's fineweb.py writes exactly this many)
+FINEWEB_MAX_TRAIN_SHARDS = 103  # the whole sample: fineweb_train_000001.bin .. fineweb_train_000103.bin
+FINEWEB_DEFAULT_CONFIG = "gpt2-research"  # the config whose shards a plain `--dataset fineweb` downloads
+# Ratchet's step calibration may run an edit up to this multiple of its steps ([length] max_fraction): the shards
+# cover that too, so no calibrated run reads a window twice
+LENGTH_HEADROOM = 1.5
 FINEWEB_VOCAB_SIZE = 50257  # GPT-2
 FINEWEB_BOS_ID = 50256  # GPT-2's <|endoftext|>, which starts every FineWeb document in these shards
 # UTF-8 bytes per GPT-2 token on FineWeb text. Not measurable offline; taken from nanochat's
@@ -56,6 +63,31 @@ DOWNLOAD_TIMEOUT_S = 10  # Hub metadata request timeout: offline, the download f
 BYTES_PER_TOKEN_DEFINITION = ("utf-8 bytes of the val text / val tokens, counting the one <|bos|> that starts each "
                               "document (the evaluator's mean loss runs over those too); "
                               "bits per byte = loss_nats / ln(2) / bytes_per_token")
+
+
+# --- how much FineWeb a config reads ----------------------------------------------------------
+
+
+def fineweb_train_shards(config: str | Config = FINEWEB_DEFAULT_CONFIG, headroom: float = LENGTH_HEADROOM) -> int:
+    """FineWeb train shards to download for nanomodel config `config` (a name in CONFIGS, or a Config): enough
+    that a run of headroom x its steps takes every window once (the loader cuts each shard into
+    (FINEWEB_SHARD_TOKENS - 1) // seq_len windows of seq_len + 1 tokens; steps x batch_size of them per run),
+    capped at the FINEWEB_MAX_TRAIN_SHARDS that exist (a longer run then repeats windows).
+    gpt2-research: 3 shards for its own 1000 steps, 4 with the default headroom; gpt2-124m: 100 for its 19,073
+    steps, all 103 with the headroom. Raises ConfigError for an unknown name."""
+    if isinstance(config, str):
+        if config not in CONFIGS:
+            raise ConfigError(f"unknown config {config!r} (choose from {', '.join(CONFIGS)})")
+        config = CONFIGS[config]
+    if headroom < 1:
+        raise ValueError(f"headroom must be >= 1, got {headroom}")
+    windows_per_shard = (FINEWEB_SHARD_TOKENS - 1) // config.seq_len
+    windows = config.steps * config.batch_size * headroom
+    return min(FINEWEB_MAX_TRAIN_SHARDS, max(1, math.ceil(windows / windows_per_shard)))
+
+
+# default download: gpt2-research with step-calibration headroom (4; an edited config.py without it: still 4)
+FINEWEB_TRAIN_SHARDS = fineweb_train_shards() if FINEWEB_DEFAULT_CONFIG in CONFIGS else 4
 
 
 # --- corpus -------------------------------------------------------------------------------
@@ -334,8 +366,9 @@ def prepare(dataset: str = "stdlib", *, root=None, path=None, name=None, vocab_s
         name = name or Path(path).resolve().name
     elif dataset == "fineweb":
         name = "fineweb"
-        if train_shards < 1:
-            raise DataError(f"--train-shards must be at least 1, got {train_shards}")
+        if not 1 <= train_shards <= FINEWEB_MAX_TRAIN_SHARDS:
+            raise DataError(f"--train-shards must be in 1..{FINEWEB_MAX_TRAIN_SHARDS} (the shards {FINEWEB_REPO} "
+                            f"has), got {train_shards}")
     else:
         raise DataError(f"unknown dataset {dataset!r}; choose stdlib, textdir or fineweb")
     if not name or name.startswith(".") or Path(name).name != name:
@@ -376,8 +409,13 @@ def main(argv=None) -> int:
     parser.add_argument("--dataset", choices=["stdlib", "textdir", "fineweb"], default="stdlib")
     parser.add_argument("path", nargs="?", help="textdir: the folder of text files")
     parser.add_argument("--name", help="textdir: dataset name (default: the folder's name)")
-    parser.add_argument("--train-shards", type=int, default=FINEWEB_TRAIN_SHARDS,
-                        help="fineweb: train shards of 100M tokens")
+    shards = parser.add_mutually_exclusive_group()
+    shards.add_argument("--config", choices=sorted(CONFIGS),
+                        help=f"fineweb: download the train shards this nanomodel config reads, with x{LENGTH_HEADROOM} "
+                             f"headroom for step calibration (default {FINEWEB_DEFAULT_CONFIG}: "
+                             f"{FINEWEB_TRAIN_SHARDS} shards)")
+    shards.add_argument("--train-shards", type=int,
+                        help=f"fineweb: train shards of 100M tokens, 1..{FINEWEB_MAX_TRAIN_SHARDS}")
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="stdlib/textdir: ids incl. <|bos|>")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="stdlib/textdir: seed of the train/val split")
     parser.add_argument("--data-root", help=f"where datasets live (default $RATCHET_DATA_ROOT or {data_root()})")
@@ -385,9 +423,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if (args.path is not None) != (args.dataset == "textdir"):
         parser.error("PATH is required with --dataset textdir and only there")
+    train_shards = args.train_shards if args.train_shards is not None else \
+        fineweb_train_shards(args.config or FINEWEB_DEFAULT_CONFIG)
     try:
         prepare(args.dataset, root=args.data_root, path=args.path, name=args.name, vocab_size=args.vocab_size,
-                train_shards=args.train_shards, seed=args.seed, force=args.force)
+                train_shards=train_shards, seed=args.seed, force=args.force)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

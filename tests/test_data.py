@@ -93,6 +93,8 @@ def test_missing_dataset_gives_a_one_line_hint(tmp_path):
         train_shards(tmp_path / "stdlib")
     with pytest.raises(DataError, match="--dataset fineweb"):
         TrainLoader(tmp_path / "fineweb", 8, 2, 1)
+    with pytest.raises(DataError, match="--dataset fineweb --config CONFIG .*gpt2-research"):  # shards follow it
+        TrainLoader(tmp_path / "fineweb", 8, 2, 1)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no val shards"):
         val_shards(tmp_path / "empty")
@@ -379,3 +381,47 @@ def test_fineweb_download_fetches_only_missing_shards(tmp_path, monkeypatch):
     assert fetched[3:] == ["fineweb_train_000003.bin"]
     assert len(train_shards(data)) == 3 and load_manifest(data)["train"]["tokens"] == 15000
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["fineweb"]
+
+
+# --- how many FineWeb shards a config needs --------------------------------------------------------------------
+
+
+def test_fineweb_shard_count_follows_the_config():
+    from nanomodel.config import get_config
+    windows_per_shard = (prep.FINEWEB_SHARD_TOKENS - 1) // 1024  # 97,656 windows of 1025 tokens per 100M-token shard
+    # gpt2-research: 1000 x 256 windows = 262M tokens -> 3 shards (2.62); x1.5 for step calibration -> 4 (3.93)
+    assert prep.fineweb_train_shards("gpt2-research", headroom=1.0) == 3
+    assert prep.fineweb_train_shards("gpt2-research") == prep.FINEWEB_TRAIN_SHARDS == 4
+    # gpt2-124m: 19,073 x 512 windows = 10B tokens -> 100 shards (99.998); with headroom all 103 there are
+    assert prep.fineweb_train_shards("gpt2-124m", headroom=1.0) == 100
+    assert prep.fineweb_train_shards("gpt2-124m") == prep.FINEWEB_MAX_TRAIN_SHARDS == 103
+    for name in ("gpt2-research", "gpt2-124m"):  # no window read twice in one run
+        cfg = get_config(name)
+        assert prep.fineweb_train_shards(name, 1.0) * windows_per_shard >= cfg.steps * cfg.batch_size
+        assert (prep.fineweb_train_shards(name, 1.0) - 1) * windows_per_shard < cfg.steps * cfg.batch_size
+    research = get_config("gpt2-research")
+    assert 4 * windows_per_shard >= 1.5 * research.steps * research.batch_size  # calibrated runs: no repeats either
+    assert prep.fineweb_train_shards(get_config("gpt2-research", steps=5)) == 1  # a Config works too
+    with pytest.raises(ValueError, match="unknown config"):
+        prep.fineweb_train_shards("gpt2-xl")
+
+
+def test_prepare_cli_downloads_the_shards_of_a_config(tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(prep, "prepare", lambda dataset, **kw: asked.append((dataset, kw["train_shards"])))
+    root = ["--data-root", str(tmp_path)]
+    assert prep.main(["--dataset", "fineweb", *root]) == 0
+    assert prep.main(["--dataset", "fineweb", "--config", "gpt2-124m", *root]) == 0
+    assert prep.main(["--dataset", "fineweb", "--config", "gpt2-research", *root]) == 0
+    assert prep.main(["--dataset", "fineweb", "--train-shards", "2", *root]) == 0
+    assert asked == [("fineweb", 4), ("fineweb", 103), ("fineweb", 4), ("fineweb", 2)]
+    with pytest.raises(SystemExit):  # one or the other
+        prep.main(["--dataset", "fineweb", "--config", "gpt2-124m", "--train-shards", "2", *root])
+
+
+def test_prepare_rejects_more_shards_than_the_hub_has(tmp_path):
+    with pytest.raises(DataError, match=r"--train-shards must be in 1\.\.103"):
+        prep.prepare("fineweb", root=tmp_path, train_shards=104)
+    with pytest.raises(DataError, match=r"--train-shards must be in 1\.\.103"):
+        prep.prepare("fineweb", root=tmp_path, train_shards=0)
+    assert not (tmp_path / "fineweb").exists()

@@ -7,6 +7,7 @@ loss, and (f) a genuine speedup, the catalog's `no-dynamo-cpu` entry (torch.opti
 ~1 s of a ~7 s run; the update is the same math), accepted as one commit with trailers and reproduced by
 `ratchet replay`.
 Issue #6 on real training: a tuned learning rate, rejected as it stands and accepted once its length is calibrated.
+Issue #14: a no-op decided after one block (the judge's noise prior), an edit twice as slow stopped by the screen.
 """
 import re
 
@@ -52,6 +53,33 @@ def test_an_exception_is_rejected_with_its_last_line(target, capsys, tmp_path):
 def test_a_nan_loss_is_rejected(target, capsys, tmp_path):
     out = try_edit(capsys, tmp_path, edit(LOSS_LINE, LOSS_LINE + " * float('nan')", "nan loss", path="nanomodel/train.py"))
     assert out["decision"] == "rejected" and "loss is nan" in out["reason"]
+
+
+def test_a_noop_is_rejected_after_one_block(target, capsys, tmp_path):
+    """With the noise prior (the baseline's runs and every earlier experiment's pairs) the judge looks after one
+    block; `ratchet bench night`'s arithmetic stops a null edit there about 97 times in 100 at cpu-test's noise."""
+    out = try_edit(capsys, tmp_path, edit(LOOP, LOOP + "  # the same loop, a new comment", "a no-op",
+                                          path="nanomodel/train.py"))
+    row = ledger(target)[-1]
+    assert out["decision"] == "rejected" and out["stage"] in ("judge", "screen") and out["runs"] <= 4, out
+    assert row["prior"]["df"] >= 2 or out["stage"] == "screen"
+
+
+def test_an_edit_twice_as_slow_is_stopped_in_its_first_run(target, capsys, tmp_path):
+    """By the screen when the first block opens with the incumbent (its reference), else by the pace rule."""
+    incumbent_s = ledger(target)[0]["incumbent_s"]
+    out = try_edit(capsys, tmp_path, edit(LOOP, LOOP + "\n        time.sleep(0.25)", "sleep in every step",
+                                          path="nanomodel/train.py"))
+    row = ledger(target)[-1]
+    candidate = [r for r in row["runs"] if r["arm"] == "candidate"]
+    assert len(candidate) == 1 and candidate[0]["status"] == "aborted"
+    assert candidate[0]["seconds"] < 1.5 * incumbent_s  # stopped well before its ~2x run would have ended
+    if row["runs"][0]["arm"] == "incumbent":
+        assert out["stage"] == "screen" and out["reason"].startswith("screen: projected"), out
+        screen = row["screen"]
+        assert screen["reject"] and screen["optimistic_s"] > screen["needed_s"] and screen["step"] < screen["total"]
+    else:
+        assert out["stage"] == "run" and out["reason"].startswith("slower"), out
 
 
 def test_a_genuine_speedup_is_accepted_and_replays(target, capsys, tmp_path):

@@ -439,37 +439,39 @@ def test_kill_9_during_calibration_then_resume_finishes_it_once(template, tmp_pa
 
 def test_stop_sigterm_and_ctrl_c_then_resume(repo, start):
     """`ratchet stop` and SIGTERM let the training run in progress finish, then stop; a second Ctrl-C kills it
-    at once, even with a proposal still being made (the LLM does not answer). Each time the unfinished
-    experiment re-runs on resume, and the LLM is asked for it once in all. The edit is a no-op, so that its first
-    timed run takes the full length whichever arm the judge's coin flip puts first."""
+    at once, even with a proposal still being made (the LLM does not answer). Each resume keeps the runs that
+    finished (exp-<id>/runs.jsonl) and goes on with the next one, and the LLM is asked for the experiment once in
+    all. The edit is a no-op, so that every timed run takes the full length whichever arm it is."""
     exp = repo / "runs" / "default" / "exp-0002"
-    first_arm = Judge(JudgeParams(), 0.0, order_seed("default", "0002")).order[0]
-    first_run = exp / f"run-00-{first_arm}" / "train.log"
+    order = Judge(JudgeParams(), 0.0, order_seed("default", "0002")).order
+    log = [exp / f"run-{i:02d}-{order[i]}" / "train.log" for i in range(3)]
     with FakeLLM([submit(*NOOP), Step(text="never sent in time", delay_s=600)]) as server:
-        for interrupt in ("ratchet stop", "SIGTERM"):
+        for index, interrupt in enumerate(("ratchet stop", "SIGTERM")):
             proc = start(repo, server, "--max-experiments", "1")
-            assert wait_for(lambda proc=proc: fresh(first_run, proc) or proc.poll() is not None)
+            assert wait_for(lambda proc=proc: fresh(log[index], proc) or proc.poll() is not None)
             if interrupt == "SIGTERM":
                 proc.send_signal(signal.SIGTERM)
             else:
                 assert cli.main(["stop"]) == 0
             code, out, err = finish(proc)
             assert code == 0 and out["reason"] == "stop requested (the interrupted experiment re-runs on resume)", err
-            assert "step 8/8" in first_run.read_text()  # the run in progress was finished ...
-            assert not list(exp.glob("run-01-*"))        # ... and no other started
+            assert "step 8/8" in log[index].read_text()  # the run in progress was finished ...
+            assert not log[index + 1].parent.exists()    # ... and no other started
             assert state(repo)["inflight"]["id"] == "0002" and [r["id"] for r in ledger(repo)] == ["0001"]
+            finished = [json.loads(line) for line in (exp / "runs.jsonl").read_text().splitlines()]
+            assert len(finished) == 1 + index + 1  # the smoke run and every timed run so far: none measured twice
             assert leftover_processes(repo) == []
             assert len(server.requests) == 1  # the resume ran the saved proposal
 
         # two experiments allowed this time: the next proposal is asked for while this one trains
         proc = start(repo, server, "--max-experiments", "2")
-        assert wait_for(lambda: fresh(first_run, proc) and len(server.requests) == 2 or proc.poll() is not None)
+        assert wait_for(lambda: fresh(log[2], proc) and len(server.requests) == 2 or proc.poll() is not None)
         proc.send_signal(signal.SIGINT)
         time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
         code, out, err = finish(proc, timeout=60)  # not held up by the proposal in flight
         assert code == 130 and "interrupted" in err and out is None
-        assert "step 8/8" not in first_run.read_text()
+        assert "step 8/8" not in log[2].read_text()
         assert leftover_processes(repo) == []
         assert state(repo)["inflight"]["id"] == "0002"
 
@@ -478,5 +480,6 @@ def test_stop_sigterm_and_ctrl_c_then_resume(repo, start):
     rows = ledger(repo)
     assert [(r["id"], r["decision"], r["hypothesis"]) for r in rows] == [
         ("0001", "baseline", "baseline"), ("0002", "rejected", NOOP[2])]
-    assert rows[1]["reason"].startswith(("slower", "speedup", "not significant")), rows[1]["reason"]
+    assert rows[1]["reason"].startswith(("slower", "speedup", "not significant", "screen")), rows[1]["reason"]
+    assert rows[1]["runs"][:2] == finished[1:]  # the two runs finished before the stops, as measured then
     assert len(server.requests) == 2  # the no-op once; the proposal cut short by Ctrl-C once

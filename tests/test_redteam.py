@@ -301,7 +301,7 @@ def test_tmp_cache_never_hits(target, capsys, tmp_path):
     logs = [Path(row["smoke"]["log"]).read_text()] + [Path(r["log"]).read_text() for r in candidate_runs(row)]
     assert row["smoke"]["status"] == "ok" and len(logs) >= 2
     assert all("cache miss" in log and "cache hit" not in log for log in logs)
-    assert row["reason"].startswith("slower"), row["reason"]
+    assert row["reason"].startswith(("slower", "screen: projected")), row["reason"]
 
 
 def test_background_process_dies_with_the_run(target, capsys, tmp_path):
@@ -353,7 +353,7 @@ def test_exit_zero_after_a_crash(target, capsys, tmp_path):
 
 def test_huge_slowdown_aborts_early(target, capsys, tmp_path):
     _, row = try_attack(target, capsys, tmp_path, "sleep-per-step")
-    assert row["reason"].startswith("slower"), row["reason"]
+    assert row["reason"].startswith(("slower", "screen: projected")), row["reason"]
     # usually the pace rule stops the first candidate run; a load spike on the incumbent's run (shared 2-core CI)
     # can defer that to the judge, which still says slower
     cand = candidate_runs(row)
@@ -362,4 +362,4 @@ def test_huge_slowdown_aborts_early(target, capsys, tmp_path):
 
 def test_noop_is_rejected(target, capsys, tmp_path):
     _, row = try_attack(target, capsys, tmp_path, "noop")
-    assert row["reason"].startswith(("not significant", "slower", "speedup")), row["reason"]
+    assert row["reason"].startswith(("not significant", "slower", "speedup", "screen: projected")), row["reason"]

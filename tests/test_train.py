@@ -118,3 +118,100 @@ def test_model_contract_shapes_and_tied_head():
     assert logits.shape == (3, 16, 50)
     assert model.lm_head.weight is model.wte.weight
     assert not any("mask" in k for k in model.state_dict())  # the causal mask is not part of the weights
+
+
+# --- the GPU configs and their presets (CPU-only arithmetic: no GPU run here) ----------------------------------
+GPU_PRESETS = ("gpt2-124m", "gpt2-research")
+WORLD_SIZES = (1, 2, 4, 8)  # the GPU counts the GPU configs and their smoke runs are claimed to split over
+
+
+def splits(batch_size: int, micro_batch_size: int, world: int) -> int | None:
+    """train.py's split of a global batch: the micro-batch per rank, or None where train.py raises ConfigError."""
+    micro = min(micro_batch_size, batch_size // world)
+    return None if micro == 0 or batch_size % (world * micro) else micro
+
+
+def catalog_micro_batches() -> set[int]:
+    """Every micro_batch_size a catalog entry that can run on a GPU assigns (smaller-batch: 24)."""
+    from agent.propose.catalog_entries import ENTRIES
+    return {e.assign["micro_batch_size"] for e in ENTRIES
+            if e.hardware in ("gpu", "any") and "micro_batch_size" in e.assign}
+
+
+def test_research_config_is_gpt2_small_on_262m_fineweb_tokens():
+    from nanomodel.config import CONFIGS
+    cfg, full = get_config("gpt2-research"), get_config("gpt2-124m")
+    # the documented arithmetic (docs/configuration.md): 1000 steps x 256 sequences x 1024 tokens
+    assert cfg.batch_size * cfg.seq_len == 262_144
+    assert cfg.steps * cfg.batch_size * cfg.seq_len == 262_144_000
+    assert full.steps * full.batch_size * full.seq_len == 9_999_745_024  # llm.c's 10B tokens
+    same = ("dataset", "vocab_size", "seq_len", "n_layer", "n_head", "n_embd", "lr", "beta1", "beta2", "weight_decay",
+            "grad_clip", "min_lr_frac", "peak_flops")
+    assert all(getattr(cfg, f) == getattr(full, f) for f in same)  # the same model and optimizer, a shorter run
+    assert (cfg.dataset, cfg.vocab_size, cfg.seq_len) == ("fineweb", 50257, 1024)
+    assert round(cfg.warmup_frac * cfg.steps) == 100 and cfg.steps % cfg.log_every == 0
+    assert 40 <= cfg.steps // cfg.log_every  # progress lines enough for the screen's looks (every 5% of the steps)
+    assert "gpt2-research" in CONFIGS
+
+
+@pytest.mark.parametrize("name", GPU_PRESETS)
+def test_gpu_configs_split_over_one_to_eight_gpus(name):
+    cfg = get_config(name)
+    for world in WORLD_SIZES:
+        micro = splits(cfg.batch_size, cfg.micro_batch_size, world)
+        assert micro == cfg.micro_batch_size, (name, world)  # full micro-batches: accumulation fills the rest
+    assert cfg.batch_size // (8 * cfg.micro_batch_size) >= 1
+
+
+def test_research_config_still_splits_after_the_smaller_batch_edit():
+    """The catalog's smaller-batch entry scales batch_size by 0.75 and sets micro 24 in every named config."""
+    from agent.propose.catalog import config_blocks
+    from agent.propose.catalog_entries import ENTRIES
+    entry = next(e for e in ENTRIES if e.key == "smaller-batch")
+    source = (REPO / "nanomodel" / "config.py").read_text()
+    edit = config_blocks(source, entry.scale, entry.assign)
+    blocks = re.findall(r"<<<<<<< SEARCH\n(.*?)\n=======\n(.*?)\n>>>>>>> REPLACE", edit, re.S)
+    for old, new in blocks:
+        source = source.replace(old, new, 1)
+    namespace = {"__name__": "edited_config"}
+    exec(compile(source, "config.py", "exec"), namespace)
+    for name in GPU_PRESETS:
+        cfg = namespace["get_config"](name)
+        assert cfg.micro_batch_size == 24
+        assert all(splits(cfg.batch_size, 24, world) for world in WORLD_SIZES), (name, cfg.batch_size)
+    assert namespace["get_config"]("gpt2-research").batch_size == 192
+
+
+@pytest.mark.parametrize("name", GPU_PRESETS)
+def test_gpu_smoke_batch_splits_for_every_micro_batch_an_edit_may_set(name):
+    from agent.settings import preset
+    args = preset(name).train.smoke_args.split()
+    assert args[args.index("--steps") + 1] == "3"
+    smoke_batch = int(args[args.index("--batch_size") + 1])
+    micros = catalog_micro_batches() | {get_config(n).micro_batch_size for n in GPU_PRESETS} | {8, 16, 24, 32, 48, 64}
+    assert 24 in micros
+    for micro in sorted(micros):
+        for world in WORLD_SIZES:
+            per_rank = splits(smoke_batch, micro, world)
+            assert per_rank is not None, f"smoke batch {smoke_batch} with micro {micro} on {world} GPUs"
+            assert per_rank >= 2  # not a batch of one: shapes stay like the real run's
+    # the old value crashed an edit with micro 24 on 8 GPUs (256 = 8 x 32 is no multiple of 8 x 24)
+    assert splits(256, 24, 8) is None
+
+
+@pytest.mark.parametrize("name", GPU_PRESETS)
+def test_gpu_presets_load_validate_and_match_their_configs(name):
+    from agent.calibrate import read_length
+    from agent.settings import preset
+    s = preset(name)  # validates
+    cfg = get_config(s.train.config)
+    assert s.train.config == name and s.data_dir.name == cfg.dataset == "fineweb"
+    assert read_length((REPO / s.length.file).read_text(), s.length.pattern) == cfg.steps
+    assert s.eval.window == cfg.seq_len and s.eval.tokens % s.eval.window == 0
+    if name == "gpt2-124m":  # the speedrun's rule
+        assert (s.target.policy, s.target.value, s.eval.tokens) == ("fixed", 3.28, 10_485_760)
+        assert s.train.first_timeout >= 5 * 3600  # an estimated 2.3-3.8 h run must finish before the first timeout
+    else:  # research: beat the baseline's own loss; a quick evaluation; a cold run fits the first timeout 10x
+        assert s.target.policy == "baseline"
+        assert s.eval.tokens == 2_097_152 and s.eval.tokens < preset("gpt2-124m").eval.tokens
+        assert s.train.first_timeout >= 10 * 5 * 60
