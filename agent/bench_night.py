@@ -2,9 +2,10 @@
 
     python -m agent.bench_night [--seed 0] [--trials 3000] [--null-trials 20000] [--mix ...] [--quick] [--json]
 
-Side by side for each cost model: `new` (the screen watches the candidate's first run; the judge has the noise
-prior of earlier experiments and looks after one block) and `today` (no screen, first look at 4 pairs, a t-test
-on the experiment's own pairs; runner.AbortPolicy's pace rule stops a candidate projected 20% slower).
+Side by side for each cost model: `new` (the screen watches the candidate's first run when the first block opens
+with the incumbent, I C C I, and AbortPolicy's pace rule does when it opens with the candidate; the judge has the
+noise prior of earlier experiments and looks after one block) and `today` (no screen, first look at 4 pairs, a
+t-test on the experiment's own pairs; runner.AbortPolicy's pace rule stops a candidate projected 20% slower).
 
 What is modelled, per edit (a verdict):
 - Device time: the smoke run (start-up + 10% of the steps), every timed run at its simulated length, a
@@ -16,8 +17,11 @@ What is modelled, per edit (a verdict):
   history's sd 1.5x too small, and a candidate arm with twice the sd of the runs the history saw.
 - Progress lines: LINES per run; start-up before the first; each interval's pace log-normal with sd
   PACE_JITTER x CV around the run's own pace, so projections are noisier early. The candidate's first run ends
-  at the time the judge sees. The screen's reference: 3 runs of the incumbent, its noise pooled with 4 earlier
-  incumbents' 4 runs each (df 14).
+  at the time the judge sees. First-run stop (as the harness): when the judge's coin flip opens the first block
+  with the incumbent (half the trials), the screen, whose reference means are that one lead incumbent run (the
+  time the judge sees, just before the candidate's), its noise pooled within earlier groups: the current
+  incumbent's 3 earlier runs and 4 earlier commits' 4 runs each (df 14); when it opens with the candidate, the
+  pace rule against the mean of the incumbent's 3 earlier runs (today's rule on every trial).
 - Losses: training loss LOSS_END + LOSS_SCALE x (fraction^-1/2 - 1), plus a seed offset (sd loss_sd) and
   batch noise per line (batch_sd); val loss: seed sd val_sd; target: the incumbent's + 2 val sd. A candidate's
   loss offset applies to both; `worse` draws it log-uniform in [3, 50] val sd, `better` is -5 val sd.
@@ -44,7 +48,7 @@ from agent.screen import (IncumbentReference, ScreenParams, log_projection, look
 
 NIGHT_S = 12 * 3600.0
 LINES = 40              # progress lines per run
-REFERENCE = (3, 4, 4)   # the screen's reference: the incumbent's runs; earlier incumbents x their runs (noise only)
+EARLIER = (3, 4, 4, 4, 4)  # runs per earlier group (the current incumbent's, then earlier commits'): noise only
 HISTORY = (10, 4)       # earlier experiments x pairs behind the noise prior
 PACE_JITTER = 2.0       # sd of one line interval's log pace, in units of the run-to-run CV
 TODAY_PACE_SLACK = 0.2  # today's AbortPolicy: stop a candidate projected this much slower...
@@ -138,27 +142,32 @@ def loss_lines(offset: np.ndarray, cm: CostModel, rng: np.random.Generator) -> n
     return LOSS_END + LOSS_SCALE * (f ** -0.5 - 1) + offset[..., None] + seed + batch
 
 
-def first_run_stop(seconds: np.ndarray, offset: np.ndarray, cm: CostModel, proc: Procedure,
-                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """The screen (or today's pace abort) on the candidate's first run [trials] -> (stopped, seconds run)."""
+def first_run_stop(seconds: np.ndarray, is_candidate: np.ndarray, offset: np.ndarray, cm: CostModel,
+                   proc: Procedure, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The stop on the candidate's first run, trials' run times and order [trials, runs] -> (stopped, seconds run)
+    [trials]: with a screen, the screen when the first block opens with the incumbent (its lead run, seconds[:, 0],
+    is the reference) and the pace rule when it opens with the candidate; without, the pace rule."""
     f = np.arange(1, LINES + 1) / LINES
-    runs, incumbents, each = REFERENCE
+    trials = len(seconds)
 
     def incumbent_runs(n):
-        s = cm.run_s * np.exp(rng.normal(0.0, cm.cv, (len(seconds), n)))
+        s = cm.run_s * np.exp(rng.normal(0.0, cm.cv, (trials, n)))
         return s, run_lines(s, cm, rng), loss_lines(np.zeros(s.shape), cm, rng)
 
-    ref_s, ref_wall, ref_loss = incumbent_runs(runs)
-    ref = IncumbentReference.from_arrays(f, LINES, ref_wall, ref_loss, ref_s,
-                                         tuple(incumbent_runs(each)[1:] for _ in range(incumbents)))
-    wall = run_lines(seconds, cm, rng)
+    earlier = [incumbent_runs(n) for n in EARLIER]
+    wall = run_lines(seconds[np.arange(trials), is_candidate.argmax(axis=-1)], cm, rng)
     projected = log_projection(f, wall, ScreenParams.pace_window)
-    if proc.screen is None:
-        stop = (f >= TODAY_FROM) & (projected > np.log(ref.seconds * (1 + TODAY_PACE_SLACK))[:, None])
-    else:
-        stop = screen_decide(f, projected - ref.log_proj, ref.log_proj_sd, smoothed_loss(loss_lines(offset, cm, rng)),
-                             ref.loss, ref.loss_sd, ref.runs, ref.df, f, ref.loss[:, None, :], ref.train_share,
-                             proc.screen).reject & look_lines(f, proc.screen.look_every)
+    # AbortPolicy: against the incumbent's measured time (the mean of its earlier runs), every line from TODAY_FROM
+    stop = (f >= TODAY_FROM) & (projected > np.log(earlier[0][0].mean(axis=-1) * (1 + TODAY_PACE_SLACK))[:, None])
+    if proc.screen is not None:
+        lead = seconds[:, :1]
+        ref = IncumbentReference.from_arrays(f, LINES, run_lines(lead, cm, rng),
+                                             loss_lines(np.zeros(lead.shape), cm, rng), lead,
+                                             tuple(e[1:] for e in earlier))
+        screened = screen_decide(f, projected - ref.log_proj, ref.log_proj_sd,
+                                 smoothed_loss(loss_lines(offset, cm, rng)), ref.loss, ref.loss_sd, ref.runs, ref.df,
+                                 f, ref.loss[:, None, :], ref.train_share, proc.screen).reject
+        stop = np.where(is_candidate[:, :1], stop, screened & look_lines(f, proc.screen.look_every))
     stopped = stop.any(axis=-1)
     return stopped, np.take_along_axis(wall, stop.argmax(axis=-1)[:, None], -1)[:, 0]
 
@@ -202,11 +211,12 @@ def simulate(kind: Kind, trials: int, cm: CostModel, proc: Procedure, rng: np.ra
         stage[calibrate] = STAGES.index("calibration")
 
     lead = np.where(is_candidate[:, 0], 0.0, seconds[:, 0])  # the incumbent run before the candidate's first
-    stopped, partial = first_run_stop(seconds[np.arange(trials), is_candidate.argmax(axis=-1)], loss, cm, proc, rng)
+    stopped, partial = first_run_stop(seconds, is_candidate, loss, cm, proc, rng)
     accepted &= ~stopped
     cost = np.where(stopped, smoke + lead + partial, cost)
     stage = np.where(stopped, STAGES.index("screen"), stage)
-    return {"accepted": accepted, "stage": stage, "cost": cost, "lead": np.where(stopped, lead, 0.0)}
+    return {"accepted": accepted, "stage": stage, "cost": cost, "lead": np.where(stopped, lead, 0.0),
+            "incumbent_first": ~is_candidate[:, 0]}
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -271,7 +281,8 @@ def format_table(result: dict, mix: dict[str, float], trials: int, null_trials: 
                          f" {f['wins_per_night']:>5.1f}"
                          f" {f['false_accept']:>9.2%} {worst:<16} {f['power_2pct']:>6.1%} {f['power_5pct']:>6.1%}"
                          f" {f['wins_lost_to_screen']:>6.2%}")
-    lines.append("verdicts, wins: per 12 h (wins: true speedups accepted); lost: true wins >= 2% stopped by the screen")
+    lines.append("verdicts, wins: per 12 h (wins: true speedups accepted); lost: true wins >= 2% stopped on their first"
+                 " run (new: by the screen, or the pace rule when the first block opens with the candidate)")
     lines.append("false accepts of null edits by noise model (new / today):")
     for cm_name, procs in result["cost_models"].items():
         lines.append(f"  {cm_name}: " + ", ".join(

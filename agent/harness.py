@@ -179,12 +179,15 @@ class Harness:
                 if r["status"] == "ok" and r.get("curve"):
                     # a candidate's runs are its commit's: the incumbent's when accepted or replayed, noise otherwise
                     by_commit.setdefault(row["parent"] if r["arm"] == INCUMBENT else row.get("commit"), []).append(r)
+        params = settings_mod.screen_params(self.settings)
         try:
             reference = IncumbentReference.from_runs(lead, earlier=list(by_commit.values()))
         except ValueError as e:
             self.events.stage(f"no screen: {e}")
             return None
-        return ScreenMonitor(reference, settings_mod.screen_params(self.settings), first=first)
+        if reference.df < params.min_df:  # too few runs to know the noise yet: the runner's abort rules instead
+            return None
+        return ScreenMonitor(reference, params, first=first)
 
     # ------------------------------------------------------------------ one run
     def _train_data_view(self) -> Path:
@@ -500,7 +503,7 @@ class Harness:
             verdict = judge.verdict()
             if verdict.state != "continue":
                 break
-            first_look = len(judge.runs) == 2 * judge.params.min_pairs
+            first_look = len(judge.runs) == 2 * judge.params.looks_for(prior is not None)[0]
             if (first_look and calibrate_noise is not None and calibrate.beats(
                     verdict.val_loss_mean, target, [r["val_loss"] for r in row["runs"] if r["arm"] == INCUMBENT],
                     calibrate_noise)):

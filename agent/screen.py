@@ -1,10 +1,12 @@
 """The screen: watches a candidate's first timed run against what is known of the incumbent and stops it as soon
 as it cannot win. It only ever rejects.
 
-Pure logic apart from the monitor's bookkeeping. The harness builds an `IncumbentReference` from the incumbent's
-runs (their progress lines and seconds) and earlier incumbents' runs, and passes a `ScreenMonitor` as the
-candidate's first run's monitor (`run_training(monitor=...)`, with the run's AbortPolicy as `first`);
-`monitor.last` holds the numbers of its last look.
+Pure logic apart from the monitor's bookkeeping. When an experiment's first block opens with the incumbent, the
+harness builds an `IncumbentReference` from that lead run (its progress lines and seconds, measured just before
+on the same machine) and every earlier run (for the noise), and passes a `ScreenMonitor` as the candidate's first
+run's monitor (`run_training(monitor=...)`, with the NaN rule as `first`); `monitor.last` holds the numbers of
+its last look. A reference made of runs from earlier in the night would read a change of the machine's load as
+the candidate's pace (measured: a no-op and an 8% win stopped while another process loaded our 2 cores).
 
 Design, and why:
 - What it compares. Each progress line gives a projected run time, wall + (1 - fraction) x recent pace (the
@@ -15,9 +17,8 @@ Design, and why:
   than at 90%, and the start-up bias of the projection cancels against the incumbent's own projections.
 - Noise that outlives an incumbent. The spread of projections and of losses at a fraction is a property of the
   machine and the setup, not of one commit: it is pooled within each incumbent's runs over the current and
-  earlier incumbents (deviations from each one's own mean, df = sum of runs - 1), so right after an accept,
-  when the new incumbent has two runs, the screen still knows its noise; the means come from the current
-  incumbent's runs only.
+  earlier incumbents (deviations from each one's own mean, df = sum of runs - 1), so right after an accept the
+  screen still knows its noise; the means come from the reference runs only (live: the lead run).
 - Pace. log_ratio = log(candidate's projection) - mean log(incumbent projections). One new run against the mean
   of m runs has sd pace_sd x sqrt(1 + 1/m); the optimistic end of the band is log_ratio - q x that sd, q the
   t quantile at level 1 - alpha on the pooled df (the sd is itself an estimate).
@@ -39,7 +40,8 @@ Design, and why:
   lower final one, warmup-stable-decay, are behind mid-run; an edit behind at the middle and ahead at the end
   is lost all the same: set it to 1 to judge on pace alone); the credit for a loss ahead applies from the first
   look, as it can only spare a run. An edit that learns better by less than the training-loss seed band is
-  stopped like a null edit (at GPU noise, 64% of edits 5 val sd better, which calibration would have won).
+  stopped like a null edit (at GPU noise about half of the watched edits 5 val sd better, which calibration
+  would have won).
 - Trust. Progress lines are printed by the candidate. A candidate that fakes a fast pace or a low loss only
   earns the full comparison, whose times are ours; that is why the screen may reject but never accept. And
   because it only removes acceptances, the judge's false-accept bound holds for the whole pipeline.
