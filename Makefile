@@ -4,10 +4,11 @@ PY := $(VENV)/bin/python
 TAG ?= demo
 
 # torch==2.13.0 first: it is the CPU wheel on our machines; an unpinned torch pulls a multi-GB CUDA build.
+# fineweb (huggingface_hub): `ratchet init` on a GPU box downloads FineWeb shards.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -e '.[dev,fineweb]'
 	touch $@
 
 install: $(VENV)/.installed
