@@ -116,7 +116,8 @@ def test_five_percent_faster_is_not_stopped(cv, most):
     rng = np.random.default_rng(10)
     stopped, faster = 0, 0
     for i in range(300):
-        ref = reference(rng, cv=cv) if i % 20 == 0 else ref
+        if i % 20 == 0:  # a new incumbent every 20 candidates
+            ref = reference(rng, cv=cv)
         monitor = ScreenMonitor(ref)
         stopped += watch(monitor, fake_run(rng, speed=1 / 0.95, cv=cv))[0] is not None
         faster += monitor.last["projected_s"] < monitor.last["incumbent_s"]
