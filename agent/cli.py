@@ -265,7 +265,8 @@ def main(argv=None) -> int:
         err.print(f"[red]error:[/red] {e}")
         return 2
     except KeyboardInterrupt:
-        err.print("[red]interrupted[/red]: the interrupted experiment re-runs when you run the same command again")
+        err.print("[red]interrupted[/red]: the same command resumes the interrupted experiment (the run in progress "
+                  "is measured again)")
         return 130
 
 

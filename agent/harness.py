@@ -10,7 +10,8 @@ Trust boundaries, in the order an edit crosses them:
   6. evaluate.evaluate: val loss and the causality probe come from a separate process that owns the val data
   7. judge.Judge: interleaved runs and a one-sided test decide; a failed run is a rejection with its reason, never a number
 Crash safety: each decision is saved in exp-<id>/result.json before the branch or ledger moves, so `recover()` can
-finish it; an experiment without result.json is discarded and re-run.
+finish it; an experiment without result.json stays in flight with its finished runs (exp-<id>/runs.jsonl) and
+resumes from them when the same experiment is asked for again.
 """
 import fcntl
 import hashlib
@@ -51,7 +52,7 @@ class HarnessError(RuntimeError):
 
 
 class Stopped(Exception):
-    """A clean stop was requested between two runs; the unfinished experiment re-runs on resume."""
+    """A clean stop was requested between two runs; the unfinished experiment resumes with the runs it finished."""
 
 
 @dataclass

@@ -6,8 +6,8 @@ moment it arrives, until it has run, so a resume runs the same edits (and an LLM
 budget stop waits for the proposal being made; a user's stop does not wait, and keeps it only if it has arrived.
 
 Stopping: `ratchet stop`, a STOP file in runs/<tag>/, SIGTERM or a first Ctrl-C finish the current training run
-and stop cleanly (the unfinished experiment re-runs on resume); a second Ctrl-C kills the run at once. No run
-outlives the loop: a proposer's smoke run in flight is killed, and a proposal still being made (a daemon thread)
+and stop cleanly (the same command resumes the unfinished experiment with the runs it finished); a second Ctrl-C
+kills the run at once. No run outlives the loop: a proposer's smoke run in flight is killed, and a proposal still being made (a daemon thread)
 can start no other.
 """
 import json
@@ -209,7 +209,7 @@ class Loop:
                     except Stopped:
                         elapsed = time.perf_counter() - started
                         self._update(lambda loop: loop.update(active_s=loop["active_s"] + elapsed))
-                        reason = f"{USER_STOP} (the interrupted experiment re-runs on resume)"
+                        reason = f"{USER_STOP} (the same command resumes the interrupted experiment)"
                         break
                     # counted from the ledger: a resume that finishes a half-done experiment counts it once
                     done = sum(1 for r in h.ledger.rows() if r.get("proposal_id"))

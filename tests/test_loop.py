@@ -454,7 +454,7 @@ def test_stop_sigterm_and_ctrl_c_then_resume(repo, start):
             else:
                 assert cli.main(["stop"]) == 0
             code, out, err = finish(proc)
-            assert code == 0 and out["reason"] == "stop requested (the interrupted experiment re-runs on resume)", err
+            assert code == 0 and out["reason"] == "stop requested (the same command resumes the interrupted experiment)", err
             assert "step 8/8" in log[index].read_text()  # the run in progress was finished ...
             assert not log[index + 1].parent.exists()    # ... and no other started
             assert state(repo)["inflight"]["id"] == "0002" and [r["id"] for r in ledger(repo)] == ["0001"]
