@@ -151,12 +151,15 @@ class Harness:
         return settings_mod.judge_params(self.settings)
 
     def noise_prior(self) -> NoisePrior | None:
-        """The run-time noise this machine showed in every baseline and experiment of the tag so far (each one's
-        finished runs, up to its first failed one), for the judge; None with [judge] use_history off."""
+        """The run-time noise this machine showed in the interleaved pairs of every experiment of the tag so far
+        (each one's finished runs, up to its first failed one; baselines do not count, see judge.noise_prior), for
+        the judge; None with [judge] use_history off."""
         if not self.settings.judge.use_history:
             return None
         experiments = []
         for row in self.ledger.rows():
+            if row["kind"] == "baseline":
+                continue
             runs = []
             for r in row.get("runs", []):
                 if r["status"] != "ok":

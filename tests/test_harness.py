@@ -120,9 +120,9 @@ def test_a_quality_win_is_rejected_as_it_stands_and_accepted_with_a_calibrated_l
     first, second = out["experiments"]
     rows = ledger(tmp_path / "calibrated")
     parent, derived = rows[-2], rows[-1]
-    # decided at the first look, after one block (the baseline's runs give the judge its noise prior): no faster
-    # (futile), or not yet faster and clearly better
-    assert first["decision"] == "rejected" and len(parent["runs"]) == 4 and parent["prior"]["df"] == 1
+    # the tag's first experiment has no noise prior (baselines give none): decided at the judge's first look of
+    # two (4 pairs of 6), no faster (futile), or not yet faster and clearly better
+    assert first["decision"] == "rejected" and len(parent["runs"]) == 8 and parent["prior"] is None
     assert first["reason"].startswith(("speedup", "slower")) or first["reason"].endswith("at the first look: calibrate")
     assert derived["kind"] == "calibrate" and derived["calibrates"] == parent["id"]
     assert (derived["steps_before"], derived["steps_after"]) == (8, 3)  # the curve meets the target at once: the floor

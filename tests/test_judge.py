@@ -226,11 +226,13 @@ def test_noise_prior_pools_within_experiments():
               (INCUMBENT, 10.0)]
     runs_b = [(CANDIDATE, 10.0 * math.exp(-0.5)), (INCUMBENT, 10.0), (INCUMBENT, 10.0),
               (CANDIDATE, 10.0 * math.exp(-0.3)), (INCUMBENT, 10.0)]  # a trailing unpaired run is ignored
-    baseline = [(INCUMBENT, s) for s in (10.0, 10.0 * math.exp(0.02), 10.0 * math.exp(-0.02))]
-    prior = noise_prior([runs_a, runs_b, baseline])
-    ss = 0.02 + 0.02 + 2 * 0.0008  # d: 0.1, 0.3 | -0.5, -0.3 | log seconds 0, 0.02, -0.02 (x 2, a difference)
-    assert prior.df == 1 + 1 + 2
-    assert prior.var == pytest.approx(ss / 4)
+    prior = noise_prior([runs_a, runs_b])
+    ss = 0.02 + 0.02  # d: 0.1, 0.3 | -0.5, -0.3
+    assert prior.df == 1 + 1
+    assert prior.var == pytest.approx(ss / 2)
+    baseline = [(INCUMBENT, s) for s in (34.0, 15.0, 15.2)]  # not interleaved: a cold first run is no pair noise
+    with pytest.raises(ValueError, match="one incumbent and one candidate"):
+        noise_prior([baseline])
     assert noise_prior([runs_a[:2], []]) is None  # one pair: no degree of freedom
     with pytest.raises(ValueError, match="one incumbent and one candidate"):
         noise_prior([[(CANDIDATE, 1.0), (CANDIDATE, 1.0)]])
