@@ -507,7 +507,9 @@ class Harness:
             verdict = judge.verdict()
             if verdict.state != "continue":
                 break
-            first_look = len(judge.runs) == 2 * judge.params.looks_for(prior is not None)[0]
+            # at min_pairs (a look with or without a prior), not after one block: there a calibrated variant that is
+            # faster but not yet significant would be sent back to calibrate (seen in the slow tier)
+            first_look = len(judge.runs) == 2 * judge.params.min_pairs
             if (first_look and calibrate_noise is not None and calibrate.beats(
                     verdict.val_loss_mean, target, [r["val_loss"] for r in row["runs"] if r["arm"] == INCUMBENT],
                     calibrate_noise)):
