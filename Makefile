@@ -29,4 +29,9 @@ test: $(VENV)/.installed
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
 
-.PHONY: install run test test-slow
+# the GPU path end to end on a GPU box (docs/verification.md); without a GPU it says so and fails at once, before
+# any setup (it runs `make install` itself once it has found one)
+gpu-check:
+	@VENV=$(VENV) scripts/gpu-check
+
+.PHONY: install run test test-slow gpu-check

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from agent.redaction import is_secret_name
 
 USER_KNOBS = ("RATCHET_KERNELS",)  # kernels/__init__.py: Triton or the reference; training and evaluation alike
+EXPECT_CUDA = "RATCHET_EXPECT_CUDA"  # nanomodel/train.py: the CUDA devices a run must see; set by the harness only
 
 
 def child_env(extra: Mapping[str, str], base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -20,3 +21,10 @@ def child_env(extra: Mapping[str, str], base: Mapping[str, str] | None = None) -
            if not is_secret_name(k) and (not k.startswith("RATCHET_") or k in USER_KNOBS)}
     env.update(extra)
     return env
+
+
+def expect_cuda(nproc: int, cuda_here: bool) -> dict[str, str]:
+    """What tells a training run that it must see `nproc` CUDA devices, one per rank: {EXPECT_CUDA: nproc} when
+    this (trusted) process sees CUDA, else nothing. The training code picks CUDA when it finds it, so a sandbox
+    that hides the GPUs, or a driver that fails inside it, would make a silent CPU run; told, it stops at once."""
+    return {EXPECT_CUDA: str(nproc)} if cuda_here else {}

@@ -1,6 +1,7 @@
 """`ratchet`: the command line. Every command works from the repo's ratchet.toml (written by `ratchet init`).
 
-Exit codes: 0 for any decision (accepted or rejected); 2 for errors (bad arguments, broken setup).
+Exit codes: 0 for any decision (accepted or rejected); 2 for errors (bad arguments, broken setup); `doctor`: 1 when
+a check failed.
 With --json, `try`, `baseline` and `replay` end with one JSON object on a line of its own on stdout.
 """
 import argparse
@@ -9,22 +10,24 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from agent import settings as settings_mod
+from agent.box import BoxError
 from agent.edits import EditError
 from agent.guard import IntegrityError
-from agent.harness import Harness, HarnessError, resolve_launcher
+from agent.harness import Harness, HarnessError
 from agent.runner import RunnerError
 from agent.sandbox import SandboxError
 from agent.ledger import Ledger
 from agent.settings import SettingsError
 from agent.view import ConsoleEvents, fmt
-from agent.workspace import Workspace, WorkspaceError, has_identity, repo_root
+from agent.workspace import Workspace, WorkspaceError, repo_root
 from nanomodel.data import DataError
 
 ERRORS = (SettingsError, HarnessError, WorkspaceError, EditError, IntegrityError, RunnerError, SandboxError,
-          DataError, FileNotFoundError)
+          DataError, FileNotFoundError, BoxError)
 err = Console(stderr=True)
 
 
@@ -54,19 +57,25 @@ def _summary(row: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_init(args) -> int:
-    import torch
+    from agent import box, doctor
 
     root = repo_root(Path.cwd())
-    gpus = torch.cuda.device_count()
-    preset = args.preset or ("gpt2-research" if gpus else "cpu-tiny")
+    gpus = box.detect()
     path = root / settings_mod.FILENAME
     if path.exists() and not args.force:
+        if args.set:
+            raise SettingsError(f"{path} exists: --set applies to a ratchet.toml being written (add --force)")
         err.print(f"{path} exists: keeping it (--force to overwrite)")
         s = settings_mod.load(root)
     else:
+        # without --preset: refused where GPUs are there but torch sees none (box.default_preset says why)
+        preset = args.preset or box.default_preset(gpus)
         s = settings_mod.preset(preset)
+        shape = box.configure(s, gpus.torch_count, gpus.mem_gib) if gpus.torch_count else None
+        s = settings_mod.with_overrides(s, args.set)
         path.write_text(settings_mod.dumps(s))
-        err.print(f"wrote {path} (preset {preset})")
+        fitted = f", {shape.nproc} GPU process(es), micro-batch {shape.micro_batch}" if shape else ""
+        err.print(f"wrote {path} (preset {preset}{fitted})")
     if "fineweb" in s.data_dir.name:  # every time: it fetches only the shards this config needs and lacks
         from nanomodel.config import ConfigError
         from nanomodel.prepare import FINEWEB_TRAIN_SHARDS, fineweb_train_shards, prepare
@@ -80,20 +89,23 @@ def cmd_init(args) -> int:
         from nanomodel.prepare import prepare
         err.print(f"preparing dataset stdlib in {s.data_dir} ...")
         prepare("stdlib", root=s.data_dir.parent, name=s.data_dir.name)
-    from agent import sandbox
-    checks = [
-        ("torch", torch.__version__),
-        ("GPUs", f"{gpus} ({torch.cuda.get_device_name(0)})" if gpus else "none: CPU runs, gloo, fp32"),
-        ("torchrun", " ".join(resolve_launcher(["torchrun"]))),
-        ("git identity", "ok" if has_identity(Workspace(root, "init").repo) else "none: commits use 'Ratchet <ratchet@localhost>'"),
-        ("sandbox", sandbox.describe()),
-        ("data", str(s.data_dir)),
-    ]
-    table = Table("check", "found", title="ratchet init")
-    for name, found in checks:
-        table.add_row(name, found)
-    err.print(table)
+    checks = doctor.run(root, gpus)
+    doctor.render(checks, err)
+    if not doctor.passed(checks):  # not an error here: `make run` works without bubblewrap, unsandboxed and warned
+        err.print("[red bold]some checks failed[/red bold]: runs may fail or go unsandboxed until their fixes above "
+                  "are done (`ratchet doctor` checks again)")
     return 0
+
+
+def cmd_doctor(args) -> int:
+    from agent import doctor
+
+    checks = doctor.run(repo_root(Path.cwd()))
+    if args.json:
+        print(doctor.as_json(checks), flush=True)
+    else:
+        doctor.render(checks, Console())
+    return 0 if doctor.passed(checks) else 1
 
 
 def cmd_baseline(args) -> int:
@@ -215,16 +227,23 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name, func, help):
         p = sub.add_parser(name, help=help)
         p.set_defaults(func=func)
-        if name != "init" and name != "bench":
+        if name not in ("init", "bench", "doctor"):
             p.add_argument("--tag", default="default", help="research session: branch ratchet/<tag>, folder runs/<tag>")
         if name in ("baseline", "try", "replay", "run"):
             p.add_argument("--require-sandbox", action="store_true",
                            help="fail instead of running unsandboxed when bubblewrap is unavailable")
         return p
 
-    p = command("init", cmd_init, "write ratchet.toml, prepare data, check the environment")
+    p = command("init", cmd_init, "write ratchet.toml (fitted to this box's GPUs), prepare data, run the doctor")
     p.add_argument("--preset", choices=sorted(settings_mod.PRESETS))
     p.add_argument("--force", action="store_true", help="overwrite an existing ratchet.toml")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="change one setting of the ratchet.toml written, as TOML (judge.max_pairs=2, "
+                        "train.data='\"~/data\"'); repeatable")
+    p = command("doctor", cmd_doctor, "check that runs can start here: GPUs, driver, box shape, compiler, sandbox, "
+                                      "NCCL/gloo and Triton inside it, disk, data")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object: {ok, checks: [{name, ok, skipped, detail, fix}]}")
     p = command("baseline", cmd_baseline, "measure the incumbent n times and set the val-loss target")
     p.add_argument("--force", action="store_true", help="measure again even if the tag has a baseline")
     p.add_argument("--json", action="store_true")
@@ -262,7 +281,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except ERRORS as e:
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"[red]error:[/red] {escape(str(e))}")  # escaped: "[train] nproc" is no markup
         return 2
     except KeyboardInterrupt:
         err.print("[red]interrupted[/red]: the same command resumes the interrupted experiment (the run in progress "

@@ -454,11 +454,13 @@ def evaluate(code_dir, weights, data_dir, tokens: int, window: int, batch: int =
     after `agent` is loaded. Its working directory is a fresh empty folder, and PYTHONSAFEPATH keeps even that off
     sys.path: the run directory is candidate-written and must not shadow `agent`, `torch` or `numpy`.
     `env` (default: this process's environment) reaches the child without secrets (agent/child_env.py).
+    `device` "auto" is decided here, where it can be trusted (`child_device`).
     """
     read_fd, write_fd = os.pipe()
     command = [python, "-m", "agent.evaluate", "--code", str(Path(code_dir).resolve()),
                "--weights", str(Path(weights).resolve()), "--data", str(Path(data_dir).expanduser().resolve()),
-               "--tokens", str(tokens), "--window", str(window), "--batch", str(batch), "--device", device,
+               "--tokens", str(tokens), "--window", str(window), "--batch", str(batch),
+               "--device", child_device(device, torch.cuda.is_available()),
                "--result-fd", str(write_fd)] + (["--probe-only"] if probe_only else [])
     env = child_env({"PYTHONPATH": str(TRUSTED_ROOT), "PYTHONSAFEPATH": "1"}, base=env)
     with tempfile.TemporaryDirectory(prefix="ratchet-eval-") as cwd, tempfile.TemporaryFile() as log:
@@ -497,6 +499,16 @@ def evaluate(code_dir, weights, data_dir, tokens: int, window: int, batch: int =
     if not isinstance(result, dict) or set(result) != set(RESULT_KEYS):
         return _failure(f"malformed evaluator result: {lines[0][:200]}", window)
     return result
+
+
+def child_device(device: str, cuda_here: bool) -> str:
+    """The evaluator's --device for `device`: "auto" becomes "cuda" where this (trusted) process sees CUDA, else
+    "cpu". The evaluator runs on this machine, so it must find the GPUs too: with "cuda" it fails when they are
+    hidden from it (a sandbox without the devices, a driver that fails inside it) rather than score on the CPU,
+    which its own "auto" would do without a word. The run's CUDA is checked here, by trusted code."""
+    if device != "auto":
+        return device
+    return "cuda" if cuda_here else "cpu"
 
 
 def _read_available(fd: int) -> bytes:

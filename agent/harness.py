@@ -20,7 +20,6 @@ import os
 import shlex
 import shutil
 import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -40,7 +39,8 @@ from agent import settings as settings_mod
 from agent.judge import (CANDIDATE, INCUMBENT, Judge, JudgeParams, NoisePrior, baseline_runs_needed, noise_prior,
                          target_from_baseline)
 from agent.ledger import Ledger
-from agent.child_env import child_env
+from agent.child_env import child_env, expect_cuda
+from agent.launcher import resolve_launcher
 from agent.runner import AbortPolicy, Progress, RunResult, cpu_threads_per_rank, kill_leftovers, run_training
 from agent.screen import SCREEN_REASON, IncumbentReference, ScreenMonitor
 from agent.settings import Settings
@@ -223,10 +223,11 @@ class Harness:
             "TORCHINDUCTOR_CACHE_DIR": str(run_dir / "cache" / "inductor"),
             "TRITON_CACHE_DIR": str(run_dir / "cache" / "triton"),
             "OMP_NUM_THREADS": str(cpu_threads_per_rank(self.nproc)),
+            **expect_cuda(self.nproc, torch.cuda.is_available()),  # a run that loses its GPUs stops, never on the CPU
         }
         if not torch.cuda.is_available():
             extra["GLOO_SOCKET_IFNAME"] = "lo"
-        return child_env(extra)
+        return sandbox.loopback_env(child_env(extra)) if self.sandboxed else child_env(extra)
 
     def _sandbox(self, cmd: list[str], worktree: Path, run_dir: Path, train: bool) -> list[str]:
         if not self.sandboxed:
@@ -770,15 +771,6 @@ def order_seed(tag: str, exp_id: str) -> int:
     """The seed of an experiment's run order (the judge's coin flip per block): fixed per experiment, so a resume
     re-runs the same order, and unrelated to anything the machine does (see agent/judge.py, Order)."""
     return zlib.crc32(f"{tag}/{exp_id}".encode())
-
-
-def resolve_launcher(cmd: list[str]) -> list[str]:
-    """`python` and `torchrun` mean the ones of Ratchet's own environment, whether or not it is activated."""
-    if cmd[0] in ("python", "python3"):
-        return [sys.executable] + cmd[1:]
-    if cmd[0] == "torchrun" and not shutil.which("torchrun"):
-        return [sys.executable, "-m", "torch.distributed.run"] + cmd[1:]
-    return cmd
 
 
 def _progress_list(curve: list[dict]) -> list[Progress]:

@@ -5,7 +5,7 @@ Unknown keys and bad values are errors that name the key.
 """
 import re
 import tomllib
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from agent.judge import JudgeParams
@@ -260,3 +260,19 @@ def preset(name: str) -> Settings:
     if name not in PRESETS:
         raise SettingsError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
     return validate(_build(Settings, PRESETS[name], "preset"))
+
+
+def with_overrides(s: Settings, assignments: list[str]) -> Settings:
+    """`s` with TOML assignments applied, each `section.key = value` (`ratchet init --set`): checked like the file."""
+    table = {f.name: asdict(getattr(s, f.name)) for f in fields(s)}
+    for assignment in assignments:
+        try:
+            update = tomllib.loads(assignment)
+        except tomllib.TOMLDecodeError as e:
+            raise SettingsError(f"--set {assignment!r}: {e} (strings need quotes: train.data='\"~/data\"')") from None
+        for section, values in update.items():
+            if section not in table or not isinstance(values, dict):
+                raise SettingsError(f"--set {assignment!r}: expected SECTION.KEY=VALUE, SECTION one of "
+                                    f"{', '.join(table)}")
+            table[section].update(values)
+    return validate(_build(Settings, table, "top level"))

@@ -8,6 +8,7 @@ Environment (set by Ratchet's runner; defaults for standalone use):
   RATCHET_RUN_DIR     the only directory this run writes (default ./out): final.pt goes there
   RATCHET_SEED        seed for init and data order (default: the config's seed)
   RATCHET_TRAIN_DATA  directory of the training shards (default: the config's dataset under the data root)
+  RATCHET_EXPECT_CUDA the CUDA devices this run must see (Ratchet sets it on a GPU machine); fewer: stop at once
 """
 import contextlib
 import math
@@ -69,7 +70,20 @@ def in_run_val_loss(model, data_dir: Path, cfg: Config, device, autocast) -> flo
     return total / n_windows
 
 
+def require_cuda() -> None:
+    """Stop before anything is built when Ratchet expects GPUs (RATCHET_EXPECT_CUDA=n) and this process sees fewer
+    than n, or fewer than its node's ranks: without the check it would train on the CPU without a word. A guard
+    against accidents only (this file is the candidate's); Ratchet's own check is its evaluator's, on CUDA."""
+    expected = int(os.environ.get("RATCHET_EXPECT_CUDA") or 0)
+    needed = max(expected, int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if expected else 0
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if found < needed:
+        raise TrainingError(f"expected {needed} CUDA devices (RATCHET_EXPECT_CUDA={expected}), this process sees "
+                            f"{found}: the GPUs or their driver are not reachable here")
+
+
 def train(cfg: Config) -> None:
+    require_cuda()
     # --- distributed setup: torchrun sets RANK/WORLD_SIZE; a plain `python -m` run is world size 1
     distributed = "RANK" in os.environ
     rank = int(os.environ.get("RANK", 0))

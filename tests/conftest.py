@@ -1,8 +1,11 @@
 """Shared pytest setup.
 
-TRITON_INTERPRET must be set before any @triton.jit kernel module is imported (Triton reads it at decoration
-time), so it is set here, at import. setdefault: `TRITON_INTERPRET=0 pytest` on a GPU box runs the kernel tests
-on CUDA with compiled kernels instead of the interpreter on CPU.
+The suite is the CPU suite everywhere, a GPU box included (docs/verification.md): the GPUs are hidden and Triton
+is interpreted, so `make test` tests there what CI tests, and never half the GPU path by accident (training on the
+GPUs with interpreted kernels). GPU coverage is `make gpu-check`. Both variables are set here, at import: Triton
+reads TRITON_INTERPRET when a @triton.jit kernel module is imported, and torch reads CUDA_VISIBLE_DEVICES when it
+initialises CUDA; children (training runs, the evaluator) inherit them. `TRITON_INTERPRET=0 pytest ...`, set on
+purpose (gpu-check runs tests/test_kernels.py so), keeps the GPUs: the kernel tests then run compiled on CUDA.
 
 Tests marked `sandbox` need bubblewrap. Where it is missing or cannot build a sandbox they are skipped with the
 reason and the install line, and the run ends with one loud line that counts them; with RATCHET_REQUIRE_SANDBOX=1
@@ -11,7 +14,17 @@ reason and the install line, and the run ends with one loud line that counts the
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+
+def cpu_suite(environ) -> bool:
+    """Make `environ` the CPU suite's (Triton interpreted, no GPU visible) unless TRITON_INTERPRET says otherwise (0);
+    True when it did."""
+    if environ.setdefault("TRITON_INTERPRET", "1") != "1":
+        return False
+    environ["CUDA_VISIBLE_DEVICES"] = ""
+    return True
+
+
+CPU_SUITE = cpu_suite(os.environ)
 
 import shutil
 import sysconfig
@@ -43,6 +56,12 @@ def dataset(tmp_path_factory) -> Path:
     for name in CORPUS_MODULES:
         shutil.copy(stdlib / f"{name}.py", src / (name.replace("/", "_") + ".py"))
     return prepare("textdir", root=tmp_path_factory.mktemp("data"), path=src, name="testcorpus")
+
+
+def pytest_report_header(config):
+    if CPU_SUITE:
+        return "ratchet: the CPU suite: GPUs hidden (CUDA_VISIBLE_DEVICES=''), Triton interpreted; GPUs: make gpu-check"
+    return "ratchet: TRITON_INTERPRET=0: GPUs visible, Triton compiled (the GPU run of `make gpu-check`)"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,13 +9,16 @@ import sys
 import time
 import uuid
 from contextlib import suppress
+from types import SimpleNamespace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from agent import sandbox
+from agent.harness import Harness
 from agent.runner import run_training
-from agent.sandbox import SandboxError, SandboxSpec
+from agent.sandbox import NO_NESTED_USERNS, SandboxError, SandboxSpec
 
 REPO = Path(__file__).resolve().parents[1]
 TAG_VAR = "SANDBOX_TEST_TAG"  # marks every process a test starts, so that survivors can be found in /proc
@@ -54,21 +57,50 @@ def tagged_processes(tag: str) -> list[int]:
     return found
 
 
+def forget_bwrap() -> None:
+    """Drop what the module learnt about bwrap (which one, its options, the probe's result)."""
+    sandbox._bwrap.cache_clear()
+    sandbox.available.cache_clear()
+
+
 @pytest.fixture
 def use_bwrap(monkeypatch):
-    """Point the module at another bwrap executable; the cached probe result is cleared on the way in and out."""
+    """Point the module at another bwrap executable; what it learnt is forgotten on the way in and out."""
     def use(executable: str):
         monkeypatch.setattr(sandbox, "BWRAP", executable)
-        sandbox.available.cache_clear()
+        forget_bwrap()
     yield use
     monkeypatch.undo()
-    sandbox.available.cache_clear()
+    forget_bwrap()
+
+
+def fake_bwrap(directory: Path, options: list[str] | None) -> Path:
+    """bubblewrap 0.6.1 as a script: --version and --help (the `options`; None: --help fails) answer like it, it
+    rejects --disable-userns with bwrap's own words, and it 'runs' any other command line by exiting 0."""
+    usage = "".join(f"    {option}    does something\n" for option in options or [])
+    path = directory / "bwrap"
+    path.write_text(f"""#!/bin/sh
+case "$1" in
+  --version) echo 'bubblewrap 0.6.1'; exit 0;;
+  --help) {"printf '%s' '" + usage + "'; exit 0" if options is not None else "exit 1"};;
+esac
+for arg in "$@"; do
+  [ "$arg" = {NO_NESTED_USERNS} ] && {{ echo 'bwrap: Unknown option {NO_NESTED_USERNS}' >&2; exit 1; }}
+done
+exit 0
+""")
+    path.chmod(0o755)
+    return path
+
+
+OLD_OPTIONS = [option for option in sandbox.ISOLATION if option.startswith("--")]  # all of them before 0.8
 
 
 def test_without_bwrap_wrap_refuses_and_ensure_decides(use_bwrap, tmp_path, capsys):
     use_bwrap(f"bwrap-missing-{uuid.uuid4().hex}")
     ok, why = sandbox.available()
     assert not ok and "bwrap not installed" in why and "apt-get install bubblewrap" in why
+    assert sandbox.bwrap_version() is None
     assert "NOT sandboxed" in sandbox.describe()
     with pytest.raises(SandboxError, match="bwrap not installed"):
         sandbox.wrap(["true"], SandboxSpec(tmp_path, tmp_path))
@@ -85,6 +117,121 @@ def test_a_bwrap_that_cannot_make_namespaces_is_reported(use_bwrap, tmp_path):
     use_bwrap(str(fake))
     ok, why = sandbox.available()
     assert not ok and why.startswith("user namespaces disabled (bwrap: No permissions")
+
+
+def test_a_bwrap_older_than_0_8_sandboxes_without_disable_userns_and_says_so(use_bwrap, tmp_path):
+    use_bwrap(str(fake_bwrap(tmp_path, OLD_OPTIONS)))
+    assert sandbox.bwrap_version() == (0, 6, 1)
+    ok, why = sandbox.available()
+    assert ok, why
+    assert "bubblewrap 0.6.1" in why and f"no {NO_NESTED_USERNS}" in why and "install bubblewrap >= 0.8" in why
+    assert "user namespaces disabled" not in why
+    (tmp_path / "worktree").mkdir()
+    (tmp_path / "run").mkdir()
+    argv = sandbox.wrap(["true"], SandboxSpec(tmp_path / "worktree", tmp_path / "run"))
+    assert argv[0] == str(tmp_path / "bwrap")
+    assert NO_NESTED_USERNS not in argv and {"--unshare-user", "--cap-drop", "--as-pid-1"} <= set(argv)
+
+
+@pytest.mark.parametrize("options, diagnosis", [
+    (None, f"bubblewrap 0.6.1 at {{bwrap}} does not know {NO_NESTED_USERNS}: install bubblewrap >= 0.8"),
+    (["--unshare-all", "--unshare-user"], "bubblewrap 0.6.1 at {bwrap} lacks --cap-drop, --as-pid-1, "
+                                          "--die-with-parent, --new-session, --hostname: install bubblewrap >= 0.8"),
+], ids=["no-help-then-unknown-option", "help-without-options"])
+def test_a_bwrap_too_old_for_an_option_is_diagnosed_by_its_version_not_by_namespaces(use_bwrap, tmp_path,
+                                                                                     options, diagnosis):
+    bwrap = fake_bwrap(tmp_path, options)
+    use_bwrap(str(bwrap))
+    ok, why = sandbox.available()
+    assert not ok and why.startswith(diagnosis.format(bwrap=bwrap)), why
+    assert "namespaces disabled" not in why
+
+
+HOST_NCCL = {"NCCL_SOCKET_IFNAME": "eth0", "NCCL_NET": "IB", "NCCL_NET_PLUGIN": "aws-ofi", "NCCL_TOPO_FILE": "/x",
+             "NCCL_IB_HCA": "mlx5_0", "NCCL_CONF_FILE": "/opt/nccl.conf", "GLOO_SOCKET_IFNAME": "^lo"}
+
+
+@pytest.mark.parametrize("sandboxed", [True, False])
+def test_a_sandboxed_run_talks_over_lo_without_the_hosts_network_settings(monkeypatch, tmp_path, sandboxed):
+    """The environment the harness gives a training run: inside the sandbox's network namespace (only `lo`) the
+    host's NCCL settings would break NCCL's start-up; an unsandboxed run has the host's network and keeps them."""
+    for name, value in {**HOST_NCCL, "NCCL_P2P_DISABLE": "1"}.items():
+        monkeypatch.setenv(name, value)
+    harness = SimpleNamespace(sandboxed=sandboxed, nproc=2, _train_data_view=lambda: tmp_path)
+    env = Harness._env(harness, tmp_path, tmp_path / "run", seed=1)
+    assert env["NCCL_P2P_DISABLE"] == "1"  # a setting within the machine stays either way
+    if sandboxed:
+        assert (env["NCCL_SOCKET_IFNAME"], env["GLOO_SOCKET_IFNAME"], env["NCCL_IB_DISABLE"]) == ("lo", "lo", "1")
+        assert not {"NCCL_NET", "NCCL_NET_PLUGIN", "NCCL_TOPO_FILE", "NCCL_IB_HCA", "NCCL_CONF_FILE"} & set(env)
+    else:
+        assert {name: env.get(name) for name in HOST_NCCL if name != "GLOO_SOCKET_IFNAME"} == {
+            name: value for name, value in HOST_NCCL.items() if name != "GLOO_SOCKET_IFNAME"}
+
+
+@pytest.mark.sandbox
+def test_the_hosts_nccl_conf_is_unreadable_inside(spec, monkeypatch):
+    """NCCL reads /etc/nccl.conf for every variable the environment leaves unset (NCCL_NET=IB from it would fail
+    the run as surely as from the environment): the sandbox masks it. A stand-in file plays /etc/nccl.conf."""
+    conf = spec.worktree / "nccl.conf"
+    conf.write_text("NCCL_NET=IB\nNCCL_TOPO_FILE=/x\n")
+    monkeypatch.setattr(sandbox, "NCCL_CONF", str(conf))
+    code = """
+import sys
+try:
+    print(repr(open(sys.argv[1]).read()))
+except OSError as e:
+    print(type(e).__name__)
+"""
+    masked = run_inside(spec, code, str(conf))
+    spec.network = True  # with the host's network the host's settings are right, and the probe can tell
+    shared = run_inside(spec, code, str(conf))
+    assert masked.returncode == 0, masked.stderr
+    assert "NCCL_NET" not in masked.stdout and masked.stdout.strip() in ("PermissionError", "''")
+    assert "NCCL_NET=IB" in shared.stdout, shared.stderr
+
+
+# inside: make a user namespace of our own (full capabilities over a copy of the mounts), then try to undo the
+# sandbox with them: remount the read-only worktree read-write, unmount the train dir's tmpfs (what lies beneath
+# would show), write the worktree's file
+ESCAPE_VIA_NESTED_USERNS = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+def result(code):
+    return "ok" if code == 0 else os.strerror(ctypes.get_errno())
+CLONE_NEWUSER, CLONE_NEWNS, MS_REMOUNT, MS_BIND, MNT_DETACH = 0x10000000, 0x00020000, 32, 4096, 2
+print("unshare", result(libc.unshare(CLONE_NEWUSER | CLONE_NEWNS)))
+worktree, train = sys.argv[1:]
+print("remount", result(libc.mount(None, worktree.encode(), None, MS_REMOUNT | MS_BIND, None)))
+print("umount", result(libc.umount2(train.encode(), MNT_DETACH)))
+try:
+    open(os.path.join(worktree, "code.py"), "w").write("patched")
+    print("write ok")
+except OSError as e:
+    print("write", e.strerror)
+"""
+
+
+@pytest.mark.sandbox
+def test_without_disable_userns_a_nested_user_namespace_cannot_undo_the_sandbox(spec, monkeypatch):
+    """The fallback for bubblewrap < 0.8 keeps the sandbox's guarantees: the kernel locks the mounts a nested
+    user namespace inherits. (Where this bwrap has --disable-userns, the same code cannot even make one.)"""
+    real = sandbox._bwrap()
+    args = str(spec.worktree), str(spec.train_data)
+    default = run_inside(spec, ESCAPE_VIA_NESTED_USERNS, *args).stdout.splitlines()
+    monkeypatch.setattr(sandbox, "_bwrap", lambda: replace(real, options=real.options - {NO_NESTED_USERNS}))
+    sandbox.available.cache_clear()
+    try:
+        assert sandbox.available()[0]
+        fallback = run_inside(spec, ESCAPE_VIA_NESTED_USERNS, *args)
+    finally:
+        monkeypatch.undo()
+        forget_bwrap()
+    if real.knows(NO_NESTED_USERNS):
+        assert default[0] != "unshare ok", default
+    lines = fallback.stdout.splitlines()
+    assert lines[0] == "unshare ok", fallback.stdout + fallback.stderr  # it did get a namespace of its own
+    assert lines[1:] == ["remount Operation not permitted", "umount Invalid argument", "write Read-only file system"]
+    assert (spec.worktree / "code.py").read_text() == "print('candidate')\n"
 
 
 @pytest.mark.sandbox
