@@ -168,24 +168,34 @@ class Harness:
             experiments.append(runs)
         return noise_prior(experiments)
 
-    def screen(self, runs_so_far: list[dict], first: AbortPolicy) -> ScreenMonitor | None:
-        """The monitor of a candidate's first timed run, with `first` asked before it: the screen, when this
-        experiment's first block opened with the incumbent. Its reference is that lead run (`runs_so_far`), measured
-        just before on the same machine: incumbent runs measured earlier in the night would read a change of the
-        machine's load as the candidate's pace. The noise comes from every earlier finished run, pooled within each
-        commit. None when [screen] is off, the block opened with the candidate, or the runs cannot make a reference."""
-        lead = [r for r in runs_so_far if r["arm"] == INCUMBENT and r["status"] == "ok" and r.get("curve")]
-        if not self.settings.screen.enabled or not lead:
+    def screen(self, row: dict, first: AbortPolicy) -> ScreenMonitor | None:
+        """The monitor of the candidate's first timed run in experiment `row`, with `first` asked before it. Its
+        reference: when the first block opened with the incumbent, that lead run, measured just before on the same
+        machine; when it opened with the candidate, the incumbent's last [screen] recent_runs runs of experiments
+        started within recent_max_age seconds (a change of the machine's load since then reads as the candidate's
+        pace: per preset, 0 keeps the screen to lead runs). The noise comes from every earlier finished run, pooled
+        within each commit. None when [screen] is off or no reference can be made."""
+        c = self.settings.screen
+        params = settings_mod.screen_params(self.settings)
+        if not c.enabled:
             return None
-        by_commit: dict[str, list[dict]] = {}
-        for row in self.ledger.rows():
-            for r in row.get("runs", []):
+        by_commit: dict[str, list[tuple[float, dict]]] = {}
+        for done in self.ledger.rows():
+            for r in done.get("runs", []):
                 if r["status"] == "ok" and r.get("curve"):
                     # a candidate's runs are its commit's: the incumbent's when accepted or replayed, noise otherwise
-                    by_commit.setdefault(row["parent"] if r["arm"] == INCUMBENT else row.get("commit"), []).append(r)
-        params = settings_mod.screen_params(self.settings)
-        try:
-            reference = IncumbentReference.from_runs(lead, earlier=list(by_commit.values()))
+                    commit = done["parent"] if r["arm"] == INCUMBENT else done.get("commit")
+                    by_commit.setdefault(commit, []).append((done["time"], r))
+        runs = [r for r in row["runs"] if r["arm"] == INCUMBENT and r["status"] == "ok" and r.get("curve")]
+        if not runs and params.recent_runs:
+            recent = [r for t, r in by_commit.get(row["parent"], []) if time.time() - t <= c.recent_max_age]
+            total = recent[-1]["curve"][-1]["total"] if recent else None
+            runs = [r for r in recent if r["curve"][-1]["total"] == total][-params.recent_runs:]
+        if not runs:
+            return None
+        try:  # the reference's runs are a group of their own (recent runs: taken out of their commit's)
+            earlier = [[r for _, r in g if not any(r is x for x in runs)] for g in by_commit.values()]
+            reference = IncumbentReference.from_runs(runs, earlier=earlier)
         except ValueError as e:
             self.events.stage(f"no screen: {e}")
             return None
@@ -531,7 +541,7 @@ class Harness:
                 if not any(r["arm"] == CANDIDATE for r in row["runs"]):
                     # the first one is the screen's: it judges pace and loss against the incumbent's noise (after
                     # the NaN rule); later ones, and all when there is no screen, get the abort rules above
-                    screen = self.screen(row["runs"], first=AbortPolicy())
+                    screen = self.screen(row, first=AbortPolicy())
                     policy = screen or policy
             self.events.run_started(arm, index, None)
             wt = cand_wt if arm == CANDIDATE else inc_wt

@@ -1,12 +1,13 @@
 """The screen: watches a candidate's first timed run against what is known of the incumbent and stops it as soon
 as it cannot win. It only ever rejects.
 
-Pure logic apart from the monitor's bookkeeping. When an experiment's first block opens with the incumbent, the
-harness builds an `IncumbentReference` from that lead run (its progress lines and seconds, measured just before
-on the same machine) and every earlier run (for the noise), and passes a `ScreenMonitor` as the candidate's first
-run's monitor (`run_training(monitor=...)`, with the NaN rule as `first`); `monitor.last` holds the numbers of
-its last look. A reference made of runs from earlier in the night would read a change of the machine's load as
-the candidate's pace (measured: a no-op and an 8% win stopped while another process loaded our 2 cores).
+Pure logic apart from the monitor's bookkeeping. The harness builds an `IncumbentReference` from the experiment's
+lead incumbent run when its first block opens with the incumbent (measured just before, on the same machine), else
+from the incumbent's last `recent_runs` runs (0 on the CPU presets: a reference made of runs from earlier in the
+night reads a change of the machine's load as the candidate's pace; measured: a no-op and an 8% win stopped while
+another process loaded our 2 cores), with every earlier run for the noise, and passes a `ScreenMonitor` as the
+candidate's first run's monitor (`run_training(monitor=...)`, with the NaN rule as `first`); `monitor.last` holds
+the numbers of its last look.
 
 Design, and why:
 - What it compares. Each progress line gives a projected run time, wall + (1 - fraction) x recent pace (the
@@ -18,7 +19,7 @@ Design, and why:
 - Noise that outlives an incumbent. The spread of projections and of losses at a fraction is a property of the
   machine and the setup, not of one commit: it is pooled within each incumbent's runs over the current and
   earlier incumbents (deviations from each one's own mean, df = sum of runs - 1), so right after an accept the
-  screen still knows its noise; the means come from the reference runs only (live: the lead run).
+  screen still knows its noise; the means come from the reference runs only.
 - Pace. log_ratio = log(candidate's projection) - mean log(incumbent projections). One new run against the mean
   of m runs has sd pace_sd x sqrt(1 + 1/m); the optimistic end of the band is log_ratio - q x that sd, q the
   t quantile at level 1 - alpha on the pooled df (the sd is itself an estimate).
@@ -71,6 +72,8 @@ class ScreenParams:
     loss_min_fraction: float = 0.3  # the loss rule waits longer: schedules differ most early in a run
     pace_window: float = 0.2        # pace over the progress lines in the last this fraction of the steps
     min_df: int = 2                 # degrees of freedom of the noise (pooled incumbent runs) before the screen decides
+    recent_runs: int = 4            # a block opening with the candidate: the incumbent's last this many runs are the
+                                    # reference (0: the screen waits for a block that opens with the incumbent)
 
     def __post_init__(self):
         checks = [
@@ -78,7 +81,7 @@ class ScreenParams:
             ("loss_alpha", 0 < self.loss_alpha < 0.5), ("min_fraction", 0 <= self.min_fraction <= 1),
             ("loss_min_fraction", 0 <= self.loss_min_fraction <= 1), ("pace_window", 0 < self.pace_window <= 1),
             ("look_every", 0 < self.look_every <= 1),
-            ("min_df", self.min_df >= 1),
+            ("min_df", self.min_df >= 1), ("recent_runs", self.recent_runs >= 0),
         ]
         for name, ok in checks:
             if not ok:

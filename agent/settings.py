@@ -85,6 +85,9 @@ class Screen:
     min_fraction: float = 0.15       # no decision before this fraction of the steps (start-up, compilation)
     look_every: float = 0.05         # decide at the first progress line past each multiple of this fraction
     loss_min_fraction: float = 0.3   # the loss rule waits for this fraction (schedules differ early); 1: pace only
+    recent_runs: int = 4             # a block that opens with the candidate: the incumbent's last this many runs are the
+                                     # reference (0: screen only after the incumbent's lead run of the same block)
+    recent_max_age: float = 3600.0   # seconds: incumbent runs of experiments started longer ago are no reference
 
 
 @dataclass
@@ -159,6 +162,7 @@ def validate(s: Settings) -> Settings:
         (2 <= s.judge.min_pairs <= s.judge.max_pairs and s.judge.min_pairs % 2 == 0 == s.judge.max_pairs % 2,
          "[judge] need even 2 <= min_pairs <= max_pairs"),
         (s.judge.baseline_runs >= 2, "[judge] baseline_runs must be >= 2"),
+        (s.screen.recent_max_age > 0, "[screen] recent_max_age must be > 0"),
         (s.abort.pace_slack >= 0 and s.abort.loss_slack > 0, "[abort] slacks must be positive"),
         (all(isinstance(g, str) for g in s.paths.editable + s.paths.protected), "[paths] globs must be strings"),
         (_one_group(s.length.pattern), "[length] pattern must be a valid regex with exactly one group"),
@@ -190,7 +194,8 @@ def screen_params(s: Settings) -> ScreenParams:
     """The screen's parameters from [screen] (its minimum speedup is the judge's)."""
     c = s.screen
     return ScreenParams(min_speedup=s.judge.min_speedup, alpha=c.alpha, loss_alpha=c.loss_alpha,
-                        min_fraction=c.min_fraction, look_every=c.look_every, loss_min_fraction=c.loss_min_fraction)
+                        min_fraction=c.min_fraction, look_every=c.look_every, loss_min_fraction=c.loss_min_fraction,
+                        recent_runs=c.recent_runs)
 
 
 def _one_group(pattern: str) -> bool:
@@ -237,8 +242,12 @@ def dumps(s: Settings) -> str:
 PRESETS = {
     "cpu-test": dict(train=dict(config="cpu-test", first_timeout=300.0), eval=dict(tokens=8192, window=64, batch=32),
                      length=dict(pattern=r'"cpu-test": Config\([^)]*?steps=(\d+)'),
-                     judge=dict(baseline_runs=3, min_pairs=4, max_pairs=8), abort=dict(min_fraction=0.25, pace_slack=0.3)),
-    "cpu-tiny": dict(train=dict(config="cpu-tiny", first_timeout=900.0), eval=dict(tokens=65536, window=256, batch=16)),
+                     judge=dict(baseline_runs=3, min_pairs=4, max_pairs=8), abort=dict(min_fraction=0.25, pace_slack=0.3),
+                     screen=dict(recent_runs=0)),
+    # CPU presets screen against the lead run only: our shared 2-core machines change load within minutes (measured:
+    # a no-op and an 8% win stopped while another process ran), where a dedicated GPU box drifts slowly
+    "cpu-tiny": dict(train=dict(config="cpu-tiny", first_timeout=900.0), eval=dict(tokens=65536, window=256, batch=16),
+                     screen=dict(recent_runs=0)),
     # The GPU smoke runs 16 sequences a step: 16 splits over 1, 2, 4 and 8 GPUs for every micro batch of 8 or more
     # (train.py takes min(micro, 16 / world) per rank), at least 2 per rank (with 1, a stray squeeze() misleads).
     # llm.c / speedrun GPT-2 small, 10B tokens: an estimated 2.3-3.8 hours a run on 8xH100 with this baseline

@@ -1,10 +1,11 @@
 import json
 import math
-
 import numpy as np
 import pytest
 
-from agent import bench_judge, bench_night
+from dataclasses import replace
+
+from agent import bench_judge, bench_night, settings
 from agent.judge import JudgeParams, noise_prior
 
 FIELDS = ("runs_per_verdict", "verdicts_per_night", "false_accept", "power_2pct", "power_5pct", "wins_lost_to_screen")
@@ -49,8 +50,22 @@ def test_text_table_lists_both_procedures(quick):
         assert out.count(f"{cm.name:<10} new") == 1 and out.count(f"{cm.name:<10} today") == 1
 
 
+def new(cm_index: int) -> bench_night.Procedure:
+    """The `new` procedure of a cost model (its preset's [judge] and [screen])."""
+    return bench_night.procedures(bench_night.COST_MODELS[cm_index])[0]
+
+
+def test_new_procedures_are_the_presets():
+    """Each cost model runs its preset as a user's ratchet.toml would: CPU screens after lead runs only, the GPU
+    research preset also against the incumbent's recent runs."""
+    for i, cm in enumerate(bench_night.COST_MODELS):
+        s = settings.preset(cm.preset)
+        assert new(i).judge == settings.judge_params(s) and new(i).screen == settings.screen_params(s)
+    assert new(0).screen.recent_runs == 0 and new(2).screen.recent_runs > 0
+
+
 def test_new_false_accepts_within_alpha(quick):
-    alpha = bench_night.PROCEDURES[0].judge.alpha
+    alpha = new(0).judge.alpha
     for name, procs in quick["cost_models"].items():
         assert procs["new"]["false_accept"] <= alpha + binomial_slack(alpha, quick["settings"]["null_trials"]), name
 
@@ -58,7 +73,7 @@ def test_new_false_accepts_within_alpha(quick):
 def test_today_is_the_landed_judge(quick):
     """`today` runs the judge as landed: its null accepts match bench_judge's simulation of JudgeParams(), and it
     spends far more runs per verdict than `new` at CPU noise."""
-    today = next(p for p in bench_night.PROCEDURES if p.name == "today")
+    today = bench_night.procedures(bench_night.COST_MODELS[0])[1]
     assert today.judge == JudgeParams() and today.screen is None and not today.prior
     cm = bench_night.COST_MODELS[0]
     normal = bench_night.noise_models(cm.cv)[0][0]
@@ -80,29 +95,30 @@ def test_power_and_throughput_at_gpu_noise(quick):
 
 
 def test_screen_loses_at_most_two_percent_of_two_percent_wins():
-    new = bench_night.PROCEDURES[0]
-    for cm in bench_night.COST_MODELS:
-        r = bench_night.simulate(bench_night.KINDS["faster2"], 3000, cm, new, np.random.default_rng(7))
+    for i, cm in enumerate(bench_night.COST_MODELS):
+        r = bench_night.simulate(bench_night.KINDS["faster2"], 3000, cm, new(i), np.random.default_rng(7))
         lost = np.mean(r["stage"] == bench_night.STAGES.index("screen"))
         assert lost <= 0.02, cm.name
 
 
-def test_first_run_stop_screens_against_the_lead_run_only_when_the_incumbent_leads():
-    """As the harness: the screen acts when the first block opens with the incumbent, against that lead run, so a
+def test_first_run_stop_references():
+    """As the harness: when the first block opens with the incumbent, the screen acts against that lead run, so a
     machine slowed down since the earlier runs does not read as the candidate's pace; when it opens with the
-    candidate, AbortPolicy's pace rule acts, against the incumbent's earlier time."""
-    new, today = bench_night.PROCEDURES
+    candidate, AbortPolicy's pace rule acts against the incumbent's earlier time, or, given the incumbent's recent
+    runs (the GPU preset), the screen against those, which then reads a slowed machine as the candidate's pace."""
     cm = bench_night.COST_MODELS[2]
+    new, today = bench_night.procedures(cm)
     rng = np.random.default_rng(11)
     trials = 2000
     is_candidate = bench_night.candidate_mask(rng.random((trials, 4)) < 0.5)
     lead_first = ~is_candidate[:, 0]
     assert 0.4 < lead_first.mean() < 0.6
     seconds = cm.run_s * np.exp(rng.normal(0.0, cm.cv, is_candidate.shape))
+    recent = cm.run_s * np.exp(rng.normal(0.0, cm.cv, (trials, new.screen.recent_runs)))
 
-    def stopped(proc, load, candidate):
+    def stopped(proc, load, candidate, recent=None):
         return bench_night.first_run_stop(load * seconds * np.where(is_candidate, candidate, 1.0), is_candidate,
-                                          np.zeros(trials), cm, proc, rng)[0]
+                                          np.zeros(trials), cm, proc, rng, recent)[0]
 
     slowed = stopped(new, 1.5, 0.98)  # a 2% win while the machine runs 1.5x slower than when the history was measured
     assert slowed[lead_first].mean() <= 0.01
@@ -110,12 +126,15 @@ def test_first_run_stop_screens_against_the_lead_run_only_when_the_incumbent_lea
     slower = stopped(new, 1.0, 1.1)  # 10% slower: beyond the screen's noise, within the pace rule's 20% slack
     assert slower[lead_first].mean() > 0.95 and not slower[~lead_first].any()
     assert not stopped(today, 1.0, 1.1).any()
+    # against recent runs: 10% slower is stopped in both halves, a 2% win in neither, unless the machine slowed
+    assert stopped(new, 1.0, 1.1, recent)[~lead_first].mean() > 0.95
+    assert stopped(new, 1.0, 0.98, recent).mean() <= 0.01
+    assert stopped(new, 1.5, 0.98, recent)[~lead_first].all()
 
 
 def test_clearly_slower_is_stopped_within_a_fraction_of_a_run():
-    new = bench_night.PROCEDURES[0]
     cm = bench_night.COST_MODELS[2]
-    r = bench_night.simulate(bench_night.KINDS["slower30"], 500, cm, new, np.random.default_rng(8))
+    r = bench_night.simulate(bench_night.KINDS["slower30"], 500, cm, new(2), np.random.default_rng(8))
     assert np.all(r["stage"] == bench_night.STAGES.index("screen")) and not r["accepted"].any()
     smoke = cm.startup_s + bench_night.SMOKE_FRACTION * (cm.run_s - cm.startup_s)
     # past the smoke run and the incumbent's lead run: start-up and the first looks of a run 1.3x as long
@@ -123,9 +142,8 @@ def test_clearly_slower_is_stopped_within_a_fraction_of_a_run():
 
 
 def test_learns_better_is_won_through_calibration():
-    new = bench_night.PROCEDURES[0]
     cm = bench_night.COST_MODELS[1]
-    r = bench_night.simulate(bench_night.KINDS["better"], 400, cm, new, np.random.default_rng(9))
+    r = bench_night.simulate(bench_night.KINDS["better"], 400, cm, new(1), np.random.default_rng(9))
     calibrated = r["stage"] == bench_night.STAGES.index("calibration")
     assert calibrated.mean() > 0.5 and r["accepted"][calibrated].mean() > 0.8
 

@@ -13,6 +13,7 @@ import pytest
 
 from agent import cli, settings
 from agent.harness import Harness
+from agent.runner import AbortPolicy
 from agent.workspace import trailers
 from tests.fakerepo import QUALITY, REPO, edit, ledger, make_repo, ratchet
 
@@ -341,3 +342,38 @@ def test_decision_saved_before_publish_is_finished_on_recover(repo, capsys, tmp_
     assert [r["id"] for r in rows] == ["0001", "0002"] and rows[1]["decision"] == "accepted"
     assert git.Repo(repo).git.rev_parse("ratchet/default") == rows[1]["commit"]
     assert out["decision"] == "baseline"
+
+
+def _run(arm: str, seconds: float, total: int = 40) -> dict:
+    """A finished run as the ledger keeps it: progress lines at an even pace, a falling loss."""
+    curve = [{"step": k, "total": total, "loss": 5.0 - 0.05 * k, "wall": 1.0 + (seconds - 1.0) * k / total}
+             for k in range(1, total + 1)]
+    return {"arm": arm, "status": "ok", "seconds": seconds, "curve": curve}
+
+
+def test_the_screens_reference_lead_run_or_recent_runs(repo):
+    """A block that opens with the incumbent: that lead run is the reference. One that opens with the candidate:
+    the incumbent's last [screen] recent_runs runs, when its experiments started within recent_max_age; none
+    with recent_runs = 0 (the CPU presets). The noise pools every commit's runs either way."""
+    h = Harness(repo, settings.load(repo), "default")
+    old = time.time() - 7200
+    h.ledger.append({"id": "b", "kind": "baseline", "parent": "A", "runs": [_run("incumbent", 20.0 + i) for i in range(3)],
+                     "time": old})
+    h.ledger.append({"id": "e", "kind": "try", "parent": "A", "commit": "C", "time": time.time(),
+                     "runs": [_run("incumbent", 10.0), _run("candidate", 30.0), _run("candidate", 31.0),
+                              _run("incumbent", 12.0)]})
+    first = AbortPolicy()
+    h.settings.screen.recent_runs = 4
+    recent = h.screen({"parent": "A", "runs": []}, first)
+    # the last experiment's two incumbent runs: the baseline started two hours ago, past recent_max_age
+    assert recent.reference.runs == 2 and float(recent.reference.seconds) == pytest.approx(11.0)
+    # noise pooled within groups: the two recent runs, A's three others, C's two (each run counted once)
+    assert recent.reference.df == (2 - 1) + (3 - 1) + (2 - 1)
+    h.settings.screen.recent_max_age = 3 * 3600
+    assert float(h.screen({"parent": "A", "runs": []}, first).reference.seconds) == pytest.approx((21 + 22 + 10 + 12) / 4)
+    lead = h.screen({"parent": "A", "runs": [_run("incumbent", 15.0)]}, first)
+    assert lead.reference.runs == 1 and float(lead.reference.seconds) == pytest.approx(15.0)
+    assert lead.first is first
+    h.settings.screen.recent_runs = 0
+    assert h.screen({"parent": "A", "runs": []}, first) is None
+    assert h.screen({"parent": "A", "runs": [_run("incumbent", 15.0)]}, first) is not None
