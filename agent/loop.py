@@ -20,9 +20,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from agent.baseline import measure_baseline
+from agent.experiment import run_proposal
 from agent.harness import Harness, Stopped
 from agent.propose.base import Proposal, Proposer, Usage
-from agent.runner import kill_leftovers
+from agent.measure.runner import kill_leftovers
 
 USER_STOP = "stop requested"
 
@@ -149,17 +151,16 @@ class Loop:
         threading.Thread(target=work, name="propose", daemon=True).start()
         return future
 
-    def _close(self, ahead: Future | None, reason: str | None) -> None:
-        """At exit: after a budget stop, wait for the proposal being made (it queues itself); after a user's stop
-        or an interrupt, keep it only if it has arrived. Then make sure no run outlives the loop: the harness's
-        devices stay locked from here on (one Loop per Harness, as `ratchet run` makes them)."""
-        budget_stop = reason is not None and not reason.startswith(USER_STOP)
+    def _close(self, ahead: Future | None, budget_stop: bool) -> None:
+        """At exit: after a budget stop (or the proposer's end), wait for the proposal being made (it queues
+        itself); after a user's stop or an interrupt, keep it only if it has arrived. Then make sure no run outlives
+        the loop: the harness's devices stay locked from here on (one Loop per Harness, as `ratchet run` makes them)."""
         if ahead is not None and budget_stop:
             ahead.exception()  # waits; a proposer error is not this exit's business
         with self.lock:
             self.closed = True
         scratch = f"{self.h.ledger.dir / 'scratch'}/"  # where proposers' smoke runs live (Harness.smoke_check)
-        while not self.h.device_lock.acquire(timeout=1.0):  # held until exit: no smoke run starts after this
+        while not self.h.devices.lock.acquire(timeout=1.0):  # held until exit: no smoke run starts after this
             kill_leftovers(scratch)
 
     def run(self) -> str:
@@ -168,15 +169,17 @@ class Loop:
         self.stop_file.unlink(missing_ok=True)
         stop = StopSignals(self.stop_file)
         ahead: Future | None = None  # the next proposal, being made while an experiment runs
-        reason = None
+        reason, by_user = None, False  # why the loop stops (for people), and whether the user asked
         with stop:
             try:
                 if "baseline" not in h.state:
                     self.say("no baseline for this tag yet: measuring it first")
-                    h.baseline(should_stop=stop)
+                    measure_baseline(h, should_stop=stop)
                 while True:
                     loop = self._read()
-                    reason = self.budgets.exhausted(loop) or (USER_STOP if stop() else None)
+                    reason = self.budgets.exhausted(loop)
+                    if reason is None and stop():
+                        reason, by_user = USER_STOP, True
                     if reason:
                         break
                     started = time.perf_counter()
@@ -192,7 +195,7 @@ class Loop:
                             reason = "the proposer has nothing left"
                             break
                         if stop():  # asked while we waited: the proposal is saved and runs on resume
-                            reason = USER_STOP
+                            reason, by_user = USER_STOP, True
                             break
                         loop = self._read()
                     queued = loop["queue"][0]
@@ -205,19 +208,19 @@ class Loop:
                     if self.prefetch and len(loop["queue"]) == 1 and self.budgets.exhausted(loop, asking=True) is None:
                         ahead = self._ask()
                     try:
-                        h.run_proposal(proposal, made_on, should_stop=stop, proposal_id=queued.get("id", ""))
+                        run_proposal(h, proposal, made_on, should_stop=stop, proposal_id=queued.get("id", ""))
                     except Stopped:
                         elapsed = time.perf_counter() - started
                         self._update(lambda loop: loop.update(active_s=loop["active_s"] + elapsed))
-                        reason = f"{USER_STOP} (the same command resumes the interrupted experiment)"
+                        reason, by_user = f"{USER_STOP} (the same command resumes the interrupted experiment)", True
                         break
                     # counted from the ledger: a resume that finishes a half-done experiment counts it once
                     done = sum(1 for r in h.ledger.rows() if r.get("proposal_id"))
                     self._dequeue(queued, experiments=done,
                                   active_s=loop["active_s"] + time.perf_counter() - started)
             except Stopped:  # during the baseline
-                reason = f"{USER_STOP} (the baseline is measured again on resume)"
+                reason, by_user = f"{USER_STOP} (the baseline is measured again on resume)", True
             finally:
-                self._close(ahead, reason)
+                self._close(ahead, budget_stop=reason is not None and not by_user)
         self.say(f"loop stopped: {reason}")
         return reason

@@ -8,8 +8,8 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
-from agent.judge import JudgeParams
-from agent.screen import ScreenParams
+from agent.verdict.judge import JudgeParams
+from agent.verdict.screen import ScreenParams
 
 FILENAME = "ratchet.toml"
 
@@ -62,7 +62,7 @@ class Judge:
     min_pairs: int = 4               # interleaved pairs before the first look (even: looks follow whole I C C I / C I I C blocks)
     max_pairs: int = 10              # cap on runs per arm (even)
     baseline_runs: int = 5           # most runs of the incumbent for `ratchet baseline`; it stops at 2 or more once the
-                                     # noise measured so far allows (agent/judge.py baseline_runs_needed)
+                                     # noise measured so far allows (agent/verdict/judge.py baseline_runs_needed)
     val_reject_after: int = 1        # reject at once when the first this many candidate runs all miss the target...
     val_reject_margin: float = 0.02  # ...by more than this (nats): a quality loss far beyond seed noise
     use_history: bool = True         # judge with the run-time noise that earlier experiments of this tag measured (a noise
@@ -78,7 +78,7 @@ class Judge:
 @dataclass
 class Screen:
     # watches each candidate's first timed run against the incumbent's pace and training loss, and stops it as soon
-    # as it cannot win (agent/screen.py). It only rejects: acceptance is the judge's alone.
+    # as it cannot win (agent/verdict/screen.py). It only rejects: acceptance is the judge's alone.
     enabled: bool = True
     alpha: float = 0.005             # chance, at one look, of stopping a candidate exactly min_speedup faster
     loss_alpha: float = 0.001        # chance, at one look, of reading a candidate as good as the incumbent as behind

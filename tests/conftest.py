@@ -32,8 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import sandbox
-
+from agent.guard import sandbox
 SANDBOX_SKIPPED = pytest.StashKey[tuple]()  # (tests skipped, why) when the sandbox tier could not run
 
 # stdlib modules that make a ~1.6 MB corpus: enough for a 4096-token BPE and an evaluator's val slice

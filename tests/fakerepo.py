@@ -14,7 +14,9 @@ from pathlib import Path
 import git
 import torch
 
-from agent import cli, settings
+from agent.ui import cli
+
+from agent import settings
 from nanomodel.data import read_shard, train_shards
 from nanomodel.model import build_model
 

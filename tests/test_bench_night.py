@@ -3,10 +3,10 @@ import math
 import numpy as np
 import pytest
 
-from dataclasses import replace
+from agent.bench import judge as bench_judge, night as bench_night
 
-from agent import bench_judge, bench_night, settings
-from agent.judge import JudgeParams, noise_prior
+from agent import settings
+from agent.verdict.judge import JudgeParams, noise_prior
 
 FIELDS = ("runs_per_verdict", "verdicts_per_night", "false_accept", "power_2pct", "power_5pct", "wins_lost_to_screen")
 

@@ -4,7 +4,9 @@ import dataclasses
 
 import pytest
 
-from agent import box, settings
+from agent.measure import box
+
+from agent import settings
 from nanomodel.config import get_config
 
 GPT2_124M, GPT2_RESEARCH = get_config("gpt2-124m"), get_config("gpt2-research")

@@ -2,8 +2,8 @@
 
 import pytest
 
-from agent import calibrate
-from agent.calibrate import Bracket, LengthError, plan, read_length, set_length, shorter_guess
+from agent.verdict import calibrate
+from agent.verdict.calibrate import Bracket, LengthError, plan, read_length, set_length, shorter_guess
 from agent.settings import preset
 from nanomodel.config import CONFIGS
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from agent.edits import apply_edit, parse_edit
+from agent.edit.apply import apply_edit
+from agent.edit.parse import parse_edit
 from agent.propose.base import Context
 from agent.propose.catalog import CatalogError, CatalogProposer, config_blocks, detect_hardware, render
 from agent.propose.catalog_entries import CPU_ORDER, ENTRIES, GPU_ORDER, HARDWARE, KINDS

@@ -11,8 +11,12 @@ import sys
 import pytest
 import torch
 
-from agent import box, cli, doctor, settings
-from agent.child_env import child_env
+from agent.measure import box
+
+from agent.ui import cli, doctor
+
+from agent import settings
+from agent.guard.child_env import child_env
 from tests import conftest
 from tests.fakerepo import REPO, make_real_repo
 
@@ -36,7 +40,7 @@ def repo(tmp_path, dataset, monkeypatch):
 def doctor_json(root, path: str | None = None) -> tuple[int, dict]:
     """`ratchet doctor --json` as a command of its own, with PATH replaced when given."""
     env = child_env({} if path is None else {"PATH": path})
-    done = subprocess.run([sys.executable, "-m", "agent.cli", "doctor", "--json"], cwd=root, env=env,
+    done = subprocess.run([sys.executable, "-m", "agent.ui.cli", "doctor", "--json"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1, done.stdout + done.stderr[-2000:]

@@ -16,7 +16,7 @@ import pytest
 
 from agent.propose.catalog import render
 from agent.propose.catalog_entries import ENTRIES
-from agent.workspace import trailers
+from agent.edit.workspace import trailers
 from tests.fakerepo import edit, ledger, make_real_repo, ratchet
 
 pytestmark = pytest.mark.slow

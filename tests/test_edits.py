@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.edits import EditError, apply_edit, edit_fingerprint, normalized_diff, parse_edit, tree_fingerprint
+from agent.edit.apply import apply_edit
+from agent.edit.fingerprint import edit_fingerprint, normalized_diff, tree_fingerprint
+from agent.edit.parse import EditError, parse_edit
 
 TRAIN_PY = """\
 import torch

@@ -1,4 +1,4 @@
-"""The evaluator end to end: fake candidate worktrees in tmp_path, a real `python -m agent.evaluate` child per case.
+"""The evaluator end to end: fake candidate worktrees in tmp_path, a real `python -m agent.measure.evaluator` child per case.
 
 Each candidate is a copy of the checkout's nanomodel/ and kernels/ whose model.py may get a few lines appended
 (a cheat, a crash); the weights are the lead's GPT with random weights large enough to make logits distinct.
@@ -14,8 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agent.evaluate import (CPU_PROBE_NATS, EvalError, ProbeFailure, evaluate, make_probe_cases, probe_causality,
-                            read_val_tokens)
+from agent.measure.captured import EvalError
+from agent.measure.evaluate import evaluate
+from agent.measure.evaluator import read_val_tokens
+from agent.measure.probe import CPU_PROBE_NATS, ProbeFailure, make_probe_cases, probe_causality
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = {"vocab_size": 72, "seq_len": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}
@@ -264,7 +266,7 @@ def test_non_finite_logits_on_the_val_batches_only_are_a_failure_not_a_number(tm
 
 
 def test_fake_results_from_a_shadow_agent_package_or_an_atexit_handler_never_count(tmp_path, model_and_weights):
-    """The worktree and the run dir hold their own agent/evaluate.py, and model.py registers an atexit handler:
+    """The worktree and the run dir hold their own agent/measure/evaluator.py, and model.py registers an atexit handler:
     each would report a perfect score. `agent` must come from the trusted root, and the evaluator must leave
     before any atexit handler runs."""
     model, weights = model_and_weights
@@ -283,9 +285,10 @@ def test_fake_results_from_a_shadow_agent_package_or_an_atexit_handler_never_cou
     atexit.register(_report_a_better_score)
     """)
     for root in (worktree, weights.parent):
-        (root / "agent").mkdir()
+        (root / "agent" / "measure").mkdir(parents=True)
         (root / "agent" / "__init__.py").write_text("")
-        (root / "agent" / "evaluate.py").write_text(write_fake_result + "os._exit(0)\n")
+        (root / "agent" / "measure" / "__init__.py").write_text("")
+        (root / "agent" / "measure" / "evaluator.py").write_text(write_fake_result + "os._exit(0)\n")
     result = run_eval(worktree, weights, data)
     assert not marker.exists()
     assert result["ok"], result["error"]

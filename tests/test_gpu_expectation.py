@@ -9,9 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from agent.child_env import EXPECT_CUDA, child_env, expect_cuda
-from agent.evaluate import EvalError, child_device, evaluate, parse_args, run
-from agent.harness import Harness
+from agent.guard.child_env import EXPECT_CUDA, child_env, expect_cuda
+from agent.measure.captured import EvalError
+from agent.measure.evaluate import child_device, evaluate
+from agent.measure.evaluator import parse_args, run
+from agent.measure.devices import Devices
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,8 +27,8 @@ def test_a_gpu_machine_tells_each_run_how_many_gpus_it_must_see():
 @pytest.mark.parametrize("cuda_here", [True, False])
 def test_the_harness_gives_the_expectation_to_its_runs(monkeypatch, tmp_path, cuda_here):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_here)
-    harness = SimpleNamespace(sandboxed=False, nproc=2, _train_data_view=lambda: tmp_path)
-    env = Harness._env(harness, tmp_path, tmp_path / "run", seed=1)
+    devices = SimpleNamespace(sandboxed=False, nproc=2, train_data_view=lambda: tmp_path)
+    env = Devices.env(devices, tmp_path, tmp_path / "run", seed=1)
     assert env.get(EXPECT_CUDA) == ("2" if cuda_here else None)
 
 

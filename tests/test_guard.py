@@ -1,7 +1,7 @@
 """Path rules and the integrity of protected files (checked before every run and evaluation)."""
 import pytest
 
-from agent.guard import IntegrityError, check_integrity, matches, path_violation, protected_hashes
+from agent.guard.integrity import IntegrityError, check_integrity, matches, path_violation, protected_hashes
 
 PROTECTED = ["agent/**", "tests/**", "kernels/reference.py", "ratchet.toml"]
 EDITABLE = ["nanomodel/**", "kernels/**"]

@@ -11,10 +11,12 @@ import time
 import git
 import pytest
 
-from agent import cli, settings
+from agent.ui import cli
+
+from agent import settings
 from agent.harness import Harness
-from agent.runner import AbortPolicy
-from agent.workspace import trailers
+from agent.measure.runner import AbortPolicy
+from agent.edit.workspace import trailers
 from tests.fakerepo import QUALITY, REPO, edit, ledger, make_repo, ratchet
 
 
@@ -248,7 +250,7 @@ def test_no_child_process_gets_a_secret(repo, capsys, tmp_path, monkeypatch):
     commands = [" ".join(argv) for argv, _ in ours]
     assert sum("nanomodel.fake_train" in c and "--steps" not in c for c in commands) >= 2 + 4  # baseline + a block
     assert sum("nanomodel.fake_train" in c and "--steps" in c for c in commands) == 2  # harness's, proposer's smoke
-    assert sum("agent.evaluate" in c for c in commands) >= 2 + 4 + 1  # every evaluated run and the smoke's probe
+    assert sum("agent.measure.evaluator" in c for c in commands) >= 2 + 4 + 1  # every evaluated run and the smoke's probe
     for argv, env in ours:
         assert env is not None, f"{argv} inherits Ratchet's whole environment"
         assert not [k for k in env if k in SECRETS] and not set(env.values()) & set(SECRETS.values()), argv
@@ -268,7 +270,7 @@ def test_kill_9_mid_experiment_then_resume(repo, capsys, tmp_path):
     fast = tmp_path / "fast.txt"
     fast.write_text(edit("SLEEP = 0.1", "SLEEP = 0.01", "sleep less"))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "try", str(fast), "--json"], cwd=repo, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "agent.ui.cli", "try", str(fast), "--json"], cwd=repo, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
     tag_dir = repo / "runs" / "default"
     assert _wait_for(lambda: any(tag_dir.glob("exp-0002/run-02-*/train.log")), 120)
@@ -295,7 +297,7 @@ def test_kill_9_mid_experiment_then_resume(repo, capsys, tmp_path):
 
 def test_kill_9_mid_baseline_then_resume_keeps_the_finished_run(repo, capsys):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "baseline", "--json"], cwd=repo, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "agent.ui.cli", "baseline", "--json"], cwd=repo, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     tag_dir = repo / "runs" / "default"
     assert _wait_for(lambda: any(tag_dir.glob("exp-0001/run-01/train.log")), 120)
@@ -314,23 +316,23 @@ def test_kill_9_mid_baseline_then_resume_keeps_the_finished_run(repo, capsys):
 def test_another_experiment_drops_the_interrupted_one(repo, capsys, tmp_path):
     ratchet(capsys, "baseline")
     h = Harness(repo, settings.load(repo), "default")
-    exp_id, done = h._claim("try:None:one", h.ws.head())
+    exp_id, done = h.records.claim("try:None:one", h.ws.head())
     h.ledger.add_to_journal(exp_id, {"arm": "candidate"})
-    assert h._claim("try:None:one", h.ws.head()) == (exp_id, [{"arm": "candidate"}])  # the same: resumed
-    other, done = h._claim("try:None:two", h.ws.head())
+    assert h.records.claim("try:None:one", h.ws.head()) == (exp_id, [{"arm": "candidate"}])  # the same: resumed
+    other, done = h.records.claim("try:None:two", h.ws.head())
     assert (other, done) == (exp_id, []) and not (h.ledger.exp_dir(exp_id) / "runs.jsonl").exists()
 
 
 def test_decision_saved_before_publish_is_finished_on_recover(repo, capsys, tmp_path, monkeypatch):
     """A kill between result.json and the branch move: the next command completes the commit, exactly once."""
-    from agent.harness import Harness
+    from agent.records.experiments import Experiments
     ratchet(capsys, "baseline")
     fast = tmp_path / "fast.txt"
     fast.write_text(edit("SLEEP = 0.1", "SLEEP = 0.01", "sleep less"))
 
     def crash(self, row):
         raise KeyboardInterrupt  # stands in for a kill right after result.json was written
-    monkeypatch.setattr(Harness, "_publish", crash)
+    monkeypatch.setattr(Experiments, "publish", crash)
     assert cli.main(["try", str(fast)]) == 130
     monkeypatch.undo()
     monkeypatch.chdir(repo)

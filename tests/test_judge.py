@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from agent import bench_judge
-from agent.judge import (
-    BLOCK, CANDIDATE, INCUMBENT, Judge, JudgeParams, NoisePrior, TimeOutcome, baseline_runs_needed, candidate_mask,
+from agent.bench import judge as bench_judge
+from agent.verdict.judge import (
+    BLOCK, CALIBRATE, CANDIDATE, INCUMBENT, Judge, JudgeParams, NoisePrior, TimeOutcome, baseline_runs_needed, candidate_mask,
     decide, decide_times, look_stats, noise_prior, pair_log_ratios, target_from_baseline, within_ss,
 )
 
@@ -360,3 +360,23 @@ def test_baseline_runs_needed():
 def test_bad_prior_params_raise(field, value):
     with pytest.raises(ValueError, match=field):
         JudgeParams(**{field: value})
+
+
+def test_the_judge_stops_a_candidate_that_learns_better_than_it_needs_to_at_its_first_look():
+    """With step calibration to follow (learns_better_noise), a candidate clearly below the target and the
+    incumbent's val loss, and not faster yet, is rejected at the look at min_pairs (cause calibrate), so its runs go
+    to a shorter variant; without it, or when its loss is within the noise, the judge goes on."""
+    params = JudgeParams(min_pairs=4, max_pairs=10)
+
+    def first_look(noise, candidate_val):
+        judge = Judge(params, target_val_loss=3.30, order_seed=1, learns_better_noise=noise)
+        times = np.random.default_rng(0).normal(10.0, 0.5, 2 * params.min_pairs)  # CV 5%: 3% faster is not proven
+        for seconds in times:
+            arm = judge.next_arm()
+            judge.add(arm, seconds * (0.97 if arm == CANDIDATE else 1.0), candidate_val if arm == CANDIDATE else 3.28)
+        return judge.verdict()
+
+    stopped = first_look(0.01, 3.20)
+    assert (stopped.state, stopped.cause) == ("rejected", CALIBRATE) and "calibrate" in stopped.reason
+    assert first_look(None, 3.20).state == "continue"
+    assert first_look(0.01, 3.275).state == "continue"  # better than the incumbent by less than the noise

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from agent.launcher import resolve_launcher
+from agent.measure.launcher import resolve_launcher
 
 
 @pytest.fixture

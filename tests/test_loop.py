@@ -19,12 +19,15 @@ from pathlib import Path
 import git
 import pytest
 
-from agent import cli, settings
-from agent.harness import Harness, order_seed
-from agent.judge import Judge, JudgeParams
+from agent.ui import cli
+
+from agent import settings
+from agent.harness import Harness
+from agent.records.experiments import order_seed
+from agent.verdict.judge import Judge, JudgeParams
 from agent.loop import Budgets, Loop
 from agent.propose.base import Proposal
-from agent.workspace import trailers
+from agent.edit.workspace import trailers
 from tests.fakellm import FakeLLM, Step, call, reply
 from tests.fakerepo import QUALITY, REPO, edit, ledger, make_repo, ratchet
 
@@ -128,7 +131,7 @@ def start():
         env = {**os.environ, "PYTHONPATH": str(REPO), "OPENAI_API_KEY": SECRET}
         paths = [root.parent / f"{root.name}-{len(started)}.{ext}" for ext in ("out", "err")]
         with open(paths[0], "w") as out, open(paths[1], "w") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--proposer", "openai", "--base-url",
+            proc = subprocess.Popen([sys.executable, "-m", "agent.ui.cli", "run", "--proposer", "openai", "--base-url",
                                      server.url + "/v1", *args, "--json"], cwd=root, env=env, stdout=out, stderr=err)
         proc.output_paths, proc.started = paths, time.time()
         started.append(proc)

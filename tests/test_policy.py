@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.edits import apply_edit, parse_edit
-from agent.guard import matches
-from agent.policy import RULES, Finding, check_files, check_source, format_findings, rejecting
+from agent.edit.apply import apply_edit
+from agent.edit.parse import parse_edit
+from agent.guard.integrity import matches
+from agent.guard.policy import check_files, check_source, format_findings, rejecting
+from agent.guard.policy_rules import RULES, Finding
 from agent.propose.catalog import render
 from agent.propose.catalog_entries import ENTRIES
 from agent.settings import Paths

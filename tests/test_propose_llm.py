@@ -3,16 +3,20 @@
 Most tests run once per provider: the same script drives both wire formats (tests/fakellm.py).
 """
 import json
+import time
 
+import anthropic
+import openai
 import pytest
 from tests.fakellm import Call, FakeLLM, Step, call, error, reply, stall
 
-from agent.edits import parse_edit
+from agent.edit.parse import parse_edit
 from agent.propose.anthropic_proposer import AnthropicProposer
 from agent.propose.base import Context, SmokeResult
-from agent.propose.llm import ToolError, Worktree, system_prompt
 from agent.propose.openai_proposer import OpenAIProposer
 from agent.propose.prices import PRICES, Price, PriceError, price_for
+from agent.propose.prompt import system_prompt
+from agent.propose.tools import ToolError, Worktree
 
 KEY = "sk-test-0123456789abcdef"  # the API key the proposer must send and never repeat
 PROVIDERS = ["anthropic", "openai"]
@@ -36,6 +40,29 @@ HISTORY = [
     {"id": "0002", "hypothesis": "Drop the warmup", "decision": "rejected", "reason": "val loss 4.35 above target",
      "speedup": None},
 ]
+
+
+class SDKClock:
+    """The SDKs' `time` module, with sleep recorded instead of slept: their retries take no time, tests see the waits."""
+
+    def __init__(self):
+        self.sleeps: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+SDK_CLOCK = SDKClock()
+
+
+@pytest.fixture(autouse=True)
+def sdk_clock(monkeypatch):
+    SDK_CLOCK.sleeps.clear()
+    for sdk in (anthropic._base_client, openai._base_client):  # where each SDK's retry loop sleeps
+        monkeypatch.setattr(sdk, "time", SDK_CLOCK)
 
 
 @pytest.fixture(autouse=True)
@@ -80,13 +107,12 @@ class Smoke:
 
 
 def make_proposer(provider, server, **kw):
-    sleeps = []
-    kw.setdefault("sleep", sleeps.append)
+    """The provider's proposer on the fake server, and the list of its SDK's retry waits."""
     if provider == "anthropic":
         proposer = AnthropicProposer(base_url=server.url, **kw)
     else:
         proposer = OpenAIProposer(base_url=server.url + "/v1", **kw)
-    return proposer, sleeps
+    return proposer, SDK_CLOCK.sleeps
 
 
 def submit(edit=EDIT, hypothesis="Double the learning rate", **kw) -> Step:
@@ -188,7 +214,7 @@ def test_large_files_are_indexed_not_inlined(root):
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_malformed_tool_calls_and_bad_edits_go_back_as_errors(provider, root):
     bad_search = EDIT.replace("LR = 3e-4", "LR = 1e-3")
-    protected = "agent/evaluate.py\n<<<<<<< SEARCH\nVAL_TOKENS = 1024\n=======\nVAL_TOKENS = 8\n>>>>>>> REPLACE\n"
+    protected = "agent/measure/evaluate.py\n<<<<<<< SEARCH\nVAL_TOKENS = 1024\n=======\nVAL_TOKENS = 8\n>>>>>>> REPLACE\n"
     script = [Step(calls=[Call("read_file", "{not json"), Call("frobnicate", {}), Call("read_file", {}),
                           Call("read_file", {"path": "nanomodel/train.py", "start_line": "3", "end_line": "3"})]),
               submit(bad_search), submit(protected), submit()]
@@ -204,7 +230,7 @@ def test_malformed_tool_calls_and_bad_edits_go_back_as_errors(provider, root):
     [not_found] = tool_results(provider, server.requests[2])
     assert "SEARCH text not found" in not_found and "LR = 3e-4" in not_found  # the nearest text helps the fix
     [refused] = tool_results(provider, server.requests[3])
-    assert "protected path agent/evaluate.py" in refused
+    assert "protected path agent/measure/evaluate.py" in refused
     if provider == "anthropic":
         flags = [b["is_error"] for b in server.requests[1].body["messages"][-1]["content"]]
         assert flags == [True, True, True, False]
@@ -292,10 +318,11 @@ def test_rate_limit_waits_as_long_as_the_server_asks(provider, root):
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_server_errors_back_off_exponentially_then_succeed(provider, root):
     with FakeLLM([error(500), error(529), error(503), reply(GOOD_REPLY)]) as server:
-        proposer, sleeps = make_proposer(provider, server, tools=False, backoff_s=1.0)
+        proposer, sleeps = make_proposer(provider, server, tools=False)
         p = proposer.propose(make_context(root))
     assert p.error == "" and len(server.requests) == 4
-    assert [lo <= s <= hi for s, (lo, hi) in zip(sleeps, [(0.5, 1), (1, 2), (2, 4)])] == [True] * 3
+    # the SDKs' backoff: 0.5 s doubled per retry, less a jitter of up to 25%
+    assert [lo <= s <= hi for s, (lo, hi) in zip(sleeps, [(0.375, 0.5), (0.75, 1), (1.5, 2)])] == [True] * 3
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -318,7 +345,7 @@ def test_persistent_rate_limit_is_a_recorded_error(provider, root):
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_retry_after_beyond_the_wait_budget_gives_up_at_once(provider, root):
     with FakeLLM([error(429, {"retry-after": "3600"})]) as server:
-        proposer, sleeps = make_proposer(provider, server, max_retry_wait_s=300)
+        proposer, sleeps = make_proposer(provider, server)
         p = proposer.propose(make_context(root))
     assert p.error.startswith("rate limited: 429") and sleeps == [] and len(server.requests) == 1
 

@@ -17,8 +17,12 @@ import git
 import pytest
 import torch
 
-from agent import cli, guard, policy, settings
-from agent.runner import OUTLIVED
+from agent.ui import cli
+
+from agent.guard import integrity, policy
+
+from agent import settings
+from agent.measure.runner import OUTLIVED
 from nanomodel.model import build_model
 from tests.fakerepo import REPO, edit, ledger, make_real_repo, ratchet
 
@@ -35,7 +39,7 @@ IMPORT_MODEL = "import kernels\n"
 LOSS_LINE = "                loss = kernels.cross_entropy(logits.flatten(0, 1), y.flatten()) / grad_accum"
 
 ATTACKS = {
-    # --- stopped by the static policy (agent/policy.py) before anything runs: (rule id expected)
+    # --- stopped by the static policy (agent/guard/policy.py) before anything runs: (rule id expected)
     "val-literal": ("nanomodel/train.py", SEED_LINE, SEED_LINE + "\n"
                     "    answers = open('/data/fineweb_val_000000.bin', 'rb').read()"),
     "tmp-cache-write": ("nanomodel/train.py", LOOP,
@@ -189,11 +193,11 @@ def test_policy_flags_what_it_cannot_read():
     assert [f.rule for f in policy.check_source(path, new, old_source=old)] == ["seed-override"]
 
 
-@pytest.mark.parametrize("path", ["ratchet.toml", "kernels/reference.py", "agent/evaluate.py", "tests/test_policy.py",
+@pytest.mark.parametrize("path", ["ratchet.toml", "kernels/reference.py", "agent/measure/evaluate.py", "tests/test_policy.py",
                                   "nanomodel/prepare.py", "kernels/bench.py"])
 def test_path_guard_protects(path):
     p = settings.preset("cpu-test").paths
-    assert guard.path_violation(["nanomodel/model.py", path], p.editable, p.protected) == f"protected path {path}"
+    assert integrity.path_violation(["nanomodel/model.py", path], p.editable, p.protected) == f"protected path {path}"
 
 
 # ---------------------------------------------------------------------------------------------- pipeline tier
@@ -238,7 +242,7 @@ def assert_nothing_ran(row: dict) -> None:
     assert row["runs"] == [] and "smoke" not in row
 
 
-@pytest.mark.parametrize("path", ["ratchet.toml", "kernels/reference.py", "agent/evaluate.py", "tests/test_policy.py"])
+@pytest.mark.parametrize("path", ["ratchet.toml", "kernels/reference.py", "agent/measure/evaluate.py", "tests/test_policy.py"])
 def test_protected_path(target, capsys, tmp_path, path):
     """1, 10, 12: the timer, the scorer, the tests and the limits (ratchet.toml) are out of reach."""
     text = edit("anything", "else", "raise my own limits", path=path)
@@ -281,7 +285,7 @@ def test_val_shard_via_runtime_path_is_not_mounted(target, capsys, tmp_path):
 
 
 def test_protected_file_cannot_be_rewritten_by_a_run(target, capsys, tmp_path):
-    """The worktree is read-only in the sandbox; without one, guard.check_integrity after the run names the file."""
+    """The worktree is read-only in the sandbox; without one, integrity.check_integrity after the run names the file."""
     _, row = try_attack(target, capsys, tmp_path, "protected-runtime-write")
     assert ("Read-only file system" in row["reason"] or row["reason"] == "protected file modified: kernels/reference.py"
             ), row["reason"]

@@ -1,4 +1,4 @@
-"""agent/runner.py: timing from outside, progress parsing, early abort, and no process outliving a run.
+"""agent/measure/runner.py: timing from outside, progress parsing, early abort, and no process outliving a run.
 
 Training commands here are tiny scripts (Python or sh). Each run's environment carries a marker of the test's own,
 inherited by every descendant, so `live_with_mark` checks for leftovers independently of the runner's tag.
@@ -16,10 +16,10 @@ import uuid
 
 import pytest
 
-from agent import runner
-from agent.child_env import child_env
-from agent.redaction import is_secret_name
-from agent.runner import (OUTLIVED, AbortPolicy, Progress, RunnerError, cpu_threads_per_rank, parse_progress,
+from agent.measure import runner
+from agent.guard.child_env import child_env
+from agent.guard.redaction import is_secret_name
+from agent.measure.runner import (OUTLIVED, AbortPolicy, Progress, RunnerError, cpu_threads_per_rank, parse_progress,
                           run_training)
 
 MARK = "RUNNER_TEST_MARK"

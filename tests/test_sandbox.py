@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from agent import sandbox
-from agent.harness import Harness
-from agent.runner import run_training
-from agent.sandbox import NO_NESTED_USERNS, SandboxError, SandboxSpec
+from agent.guard import sandbox
+from agent.measure.devices import Devices
+from agent.measure.runner import run_training
+from agent.guard.sandbox import NO_NESTED_USERNS, SandboxError, SandboxSpec
 
 REPO = Path(__file__).resolve().parents[1]
 TAG_VAR = "SANDBOX_TEST_TAG"  # marks every process a test starts, so that survivors can be found in /proc
@@ -157,8 +157,8 @@ def test_a_sandboxed_run_talks_over_lo_without_the_hosts_network_settings(monkey
     host's NCCL settings would break NCCL's start-up; an unsandboxed run has the host's network and keeps them."""
     for name, value in {**HOST_NCCL, "NCCL_P2P_DISABLE": "1"}.items():
         monkeypatch.setenv(name, value)
-    harness = SimpleNamespace(sandboxed=sandboxed, nproc=2, _train_data_view=lambda: tmp_path)
-    env = Harness._env(harness, tmp_path, tmp_path / "run", seed=1)
+    devices = SimpleNamespace(sandboxed=sandboxed, nproc=2, train_data_view=lambda: tmp_path)
+    env = Devices.env(devices, tmp_path, tmp_path / "run", seed=1)
     assert env["NCCL_P2P_DISABLE"] == "1"  # a setting within the machine stays either way
     if sandboxed:
         assert (env["NCCL_SOCKET_IFNAME"], env["GLOO_SOCKET_IFNAME"], env["NCCL_IB_DISABLE"]) == ("lo", "lo", "1")

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from agent.runner import AbortPolicy, Progress
-from agent.screen import (IncumbentReference, ScreenMonitor, ScreenParams, log_projection, look_lines, reach_fraction,
+from agent.measure.runner import AbortPolicy, Progress
+from agent.verdict.screen import (IncumbentReference, ScreenMonitor, ScreenParams, log_projection, look_lines, reach_fraction,
                           screen_decide, smoothed_loss)
 
 TOTAL, LINES, SECONDS, STARTUP = 300, 30, 90.0, 5.0

@@ -201,7 +201,7 @@ def test_gpu_smoke_batch_splits_for_every_micro_batch_an_edit_may_set(name):
 
 @pytest.mark.parametrize("name", GPU_PRESETS)
 def test_gpu_presets_load_validate_and_match_their_configs(name):
-    from agent.calibrate import read_length
+    from agent.verdict.calibrate import read_length
     from agent.settings import preset
     s = preset(name)  # validates
     cfg = get_config(s.train.config)

@@ -1,4 +1,5 @@
-"""Anthropic Messages API proposer: the wire format only; the loop, tools and retries are in llm.py.
+"""Anthropic Messages API proposer: the wire format only; the loop and tools are in llm_proposer.py, requests
+and retries (the SDK's) in chat_api.py.
 
 Prompt caching: the system prompt (instructions, rules, files) carries a cache breakpoint, and so does the
 newest user turn, so each call of the tool loop reads everything before it from the cache.
@@ -8,7 +9,10 @@ from dataclasses import dataclass
 import anthropic
 
 from agent.propose.base import Usage
-from agent.propose.llm import EPHEMERAL, LLMProposer, Reply, ToolCall, ToolResult
+from agent.propose.chat_api import Reply, ToolCall, ToolResult, no_long_waits
+from agent.propose.llm_proposer import LLMProposer
+
+EPHEMERAL = {"type": "ephemeral"}  # Anthropic prompt-cache marker
 
 
 def _with_cache_breakpoint(messages: list[dict]) -> list[dict]:
@@ -33,8 +37,8 @@ class AnthropicProposer(LLMProposer):
     status_error = anthropic.APIStatusError
     connection_error = anthropic.APIConnectionError
 
-    def _make_client(self, api_key: str, base_url: str | None):
-        return anthropic.Anthropic(api_key=api_key, base_url=base_url, max_retries=0, timeout=self.request_timeout_s)
+    def _make_client(self, **options):
+        return anthropic.Anthropic(**options, middleware=[no_long_waits])
 
     def _send(self, client, system: str, messages: list, tools: list[dict] | None, tools_allowed: bool) -> Reply:
         request = {"model": self.model, "max_tokens": self.max_output_tokens,

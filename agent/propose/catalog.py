@@ -6,15 +6,16 @@ target hardware. `propose` returns the first entry that
   - was never tried and is not pending: its key or its hypothesis is in no history row (the ledger survives
     resumes) and in none of the context's pending proposals (the loop proposes the next edit while the current
     one trains; an entry made against a head that has since moved is dropped from the queue and comes back),
-  - applies to the incumbent's files, checked on a scratch copy; entries that do not apply, or change nothing,
-    are recorded in `self.skipped` and passed over.
+  - applies to the incumbent's files, checked by a dry run (apply.dry_run); entries that do not apply, or change
+    nothing, are recorded in `self.skipped` and passed over.
 """
 import re
 import tempfile
 import textwrap
 from pathlib import Path
 
-from agent.edits import EditError, apply_edit, parse_edit
+from agent.edit.apply import dry_run
+from agent.edit.parse import EditError
 from agent.propose.base import Context, Proposal
 from agent.propose.catalog_entries import CPU_ORDER, ENTRIES, GPU_ORDER, Entry
 
@@ -102,18 +103,21 @@ def _literal(value) -> str:
     return text if any(c in text for c in ".en") else text + ".0"
 
 
-def apply_problem(text: str, files: dict[str, str]) -> str | None:
-    """Why `text` does not apply to `files` (or changes nothing), checked on a scratch copy; None if it applies."""
-    with tempfile.TemporaryDirectory(prefix="ratchet-catalog-") as tmp:
-        root = Path(tmp)
-        for rel, content in files.items():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).write_text(content)
-        try:
-            changed = apply_edit(parse_edit(text), root)
-        except EditError as e:
-            return f"does not apply: {e}"
+def apply_problem(text: str, tree: Path) -> str | None:
+    """Why `text` does not apply to `tree` (or changes nothing), found by a dry run; None if it applies."""
+    try:
+        changed = dry_run(text, tree)
+    except EditError as e:
+        return f"does not apply: {e}"
     return None if changed else "changes nothing: already in place"
+
+
+def write_files(files: dict[str, str], root: Path) -> Path:
+    """files (repo-relative path -> content) written under root: the context's view of the incumbent as a tree."""
+    for rel, content in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(content)
+    return root
 
 
 class CatalogProposer:
@@ -136,20 +140,22 @@ class CatalogProposer:
         seen = context.history + context.pending
         tried_keys = {row.get("key") for row in seen}
         tried_hypotheses = {(row.get("hypothesis") or "").strip() for row in seen}
-        for key in order:
-            entry = self.entries[key]
-            if key in tried_keys or entry.hypothesis in tried_hypotheses:
-                continue
-            try:
-                text = render(entry, context.files)
-            except CatalogError as e:
-                self._skip(key, str(e))
-                continue
-            problem = apply_problem(text, context.files)
-            if problem:
-                self._skip(key, problem)
-                continue
-            return Proposal(text=text, proposer=self.name, hypothesis=entry.hypothesis, key=key)
+        with tempfile.TemporaryDirectory(prefix="ratchet-catalog-") as tmp:
+            tree = write_files(context.files, Path(tmp))  # entries are rendered against these files: checked on them
+            for key in order:
+                entry = self.entries[key]
+                if key in tried_keys or entry.hypothesis in tried_hypotheses:
+                    continue
+                try:
+                    text = render(entry, context.files)
+                except CatalogError as e:
+                    self._skip(key, str(e))
+                    continue
+                problem = apply_problem(text, tree)
+                if problem:
+                    self._skip(key, problem)
+                    continue
+                return Proposal(text=text, proposer=self.name, hypothesis=entry.hypothesis, key=key)
         return None
 
     def _skip(self, key: str, reason: str) -> None:

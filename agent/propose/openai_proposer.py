@@ -1,5 +1,6 @@
 """OpenAI Chat Completions proposer, for OpenAI and any compatible server (vLLM, llama.cpp, Ollama) via
-base_url: the wire format only; the loop, tools and retries are in llm.py.
+base_url: the wire format only; the loop and tools are in llm_proposer.py, requests and retries (the SDK's) in
+chat_api.py.
 
 OpenAI caches long prompt prefixes by itself; the stable system message comes first so the prefix holds.
 """
@@ -9,7 +10,8 @@ from dataclasses import dataclass
 import openai
 
 from agent.propose.base import Usage
-from agent.propose.llm import LLMProposer, Reply, ToolCall, ToolResult
+from agent.propose.chat_api import Reply, ToolCall, ToolResult
+from agent.propose.llm_proposer import LLMProposer
 
 APIS = ("chat",)  # Chat Completions: the API that OpenAI-compatible servers speak
 
@@ -43,8 +45,8 @@ class OpenAIProposer(LLMProposer):
             raise ValueError(f"openai proposer: api {self.api!r} is not supported; use one of {', '.join(APIS)}")
         super().__post_init__()
 
-    def _make_client(self, api_key: str, base_url: str | None):
-        return openai.OpenAI(api_key=api_key, base_url=base_url, max_retries=0, timeout=self.request_timeout_s)
+    def _make_client(self, **options):
+        return openai.OpenAI(**options)  # its SDK gives up on its own when a retry-after exceeds two minutes
 
     def _send(self, client, system: str, messages: list, tools: list[dict] | None, tools_allowed: bool) -> Reply:
         # OpenAI's reasoning models refuse max_tokens; compatible servers may know only it

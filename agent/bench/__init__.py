@@ -1,0 +1,1 @@
+"""Benchmarks (`ratchet bench ...`): simulations and timings that print figures."""

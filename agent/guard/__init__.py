@@ -1,0 +1,1 @@
+"""Guard: what an edit may touch and run with: paths and integrity, the static policy, the sandbox, secrets."""

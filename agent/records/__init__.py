@@ -1,0 +1,1 @@
+"""Records: the ledger of experiments and the state a resume reads."""

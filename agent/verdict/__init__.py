@@ -1,0 +1,1 @@
+"""Verdict: the judge's sequential test, the screen on a first run, step calibration."""
