@@ -56,10 +56,11 @@ def _calibrate(h: Harness, text: str, row: dict, proposer: str, extra: dict | No
     if plan is None:
         return []
     h.events.stage(f"calibrating the length ({plan.direction}): {why}")
+    variant_extra = {k: v for k, v in (extra or {}).items() if k != "notes"}  # the notes stay on the first row only
     rows, steps = [], plan.first
     for _ in range(L.max_attempts):
         r = done.get(steps) or h.try_edit(
-            text, proposer, "calibrate", {**(extra or {}), "calibrates": row["id"], "steps_before": length,
+            text, proposer, "calibrate", {**variant_extra, "calibrates": row["id"], "steps_before": length,
                                           "steps_after": steps, "calibration": why},
             should_stop, length=steps, calibrate_noise=noise)
         if steps not in done:
@@ -77,7 +78,7 @@ def run_proposal(h: Harness, proposal, made_on: str, should_stop=lambda: False, 
     """One experiment from a proposer's Proposal; a failed proposal is recorded without running anything.
     proposal_id: the loop's id for it; a second call with the same id (a resume) finishes what the first left."""
     extra = {"key": proposal.key, "usage": asdict(proposal.usage), "attempts": proposal.attempts,
-             "proposed_on": made_on, "proposal_id": proposal_id}
+             "proposed_on": made_on, "proposal_id": proposal_id, "notes": proposal.notes}
     if proposal.error:
         return [record_failure(h, proposal, extra)]
     return experiment(h, proposal.text, proposer=proposal.proposer, kind="run", extra=extra, should_stop=should_stop)

@@ -81,8 +81,13 @@ class Harness:
         self.records.recover()
 
     # what the loop's proposer thread is offered (agent/proposer_services.py)
-    def context(self, head: str, pending: list[dict] = ()):
-        return self.services.context(head, pending)
+    def context(self, head: str, pending: list[dict] = (), night=None):
+        """What a proposer sees (ProposerServices.context); `night`: the loop's budgets (evidence.Night)."""
+        return self.services.context(head, pending, self.judge_params(), self.noise_prior(), night)
+
+    def profile_incumbent(self):
+        """The incumbent's profile for proposers, made now if missing (after the baseline, after an accept)."""
+        return self.services.incumbent_profile(self.ws.head())
 
     def smoke_check(self, text: str, head: str):
         return self.services.smoke_check(text, head)

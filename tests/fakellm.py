@@ -5,6 +5,9 @@ Each request takes the next Step of the script and answers it in the wire format
 recorded (method, path, headers, JSON body) so tests can assert what the SDK sent. When the script is used up,
 requests get a 400 "script exhausted" (which no client retries): a runaway loop ends at once, and `overrun`
 says so. Use it as a context manager; leaving the block stops the server and wakes any delayed reply.
+
+A proposer's pre-flight request (one output token, no tools: ChatAPI.preflight) is answered "ok" outside the script
+and recorded in `probes`, not `requests`, unless answer_probes=False (then it takes the script's next step).
 """
 import json
 import threading
@@ -14,8 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 ANTHROPIC_PATH = "/v1/messages"
 OPENAI_PATH = "/v1/chat/completions"
 # error.type in Anthropic's error bodies, by status
-ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 429: "rate_limit_error",
-                         500: "api_error", 529: "overloaded_error"}
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}
 
 
 @dataclass
@@ -35,6 +38,9 @@ class Step:
     delay_s: float = 0.0                       # wait before answering; longer than the client's timeout: a timeout
     usage: tuple[int, int, int, int] = (100, 20, 0, 0)  # uncached input, output, cache read, cache write tokens
     truncated: bool = False                    # the reply stopped at max tokens
+    refusal: str = ""                          # the model refuses, saying this (Anthropic: stop_reason "refusal";
+                                               # OpenAI: message.refusal)
+    thinking: str = ""                         # Anthropic: a thinking block (with a signature) before the answer
 
 
 def reply(text: str, **kw) -> Step:
@@ -48,6 +54,10 @@ def call(name: str, arguments: dict | str | None = None, **kw) -> Step:
 
 def error(status: int, headers: dict[str, str] | None = None, message: str = "scripted error") -> Step:
     return Step(status=status, headers=headers or {}, message=message)
+
+
+def refuse(text: str = "I can't help with that.", **kw) -> Step:
+    return Step(refusal=text, **kw)
 
 
 def stall(seconds: float) -> Step:
@@ -64,10 +74,12 @@ class Request:
 
 
 def anthropic_body(step: Step, n: int) -> dict:
-    content = [{"type": "text", "text": step.text}] if step.text else []
+    content = [{"type": "thinking", "thinking": step.thinking, "signature": f"sig_{n}"}] if step.thinking else []
+    content += [{"type": "text", "text": text} for text in (step.text, step.refusal) if text]
     content += [{"type": "tool_use", "id": f"toolu_{n}_{i}", "name": c.name, "input": c.arguments}
                 for i, c in enumerate(step.calls)]
-    stop = "max_tokens" if step.truncated else "tool_use" if step.calls else "end_turn"
+    stop = ("refusal" if step.refusal else "max_tokens" if step.truncated else "tool_use" if step.calls
+            else "end_turn")
     uncached, output, cache_read, cache_write = step.usage
     return {"id": f"msg_{n}", "type": "message", "role": "assistant", "model": "fake", "content": content,
             "stop_reason": stop, "stop_sequence": None,
@@ -76,7 +88,7 @@ def anthropic_body(step: Step, n: int) -> dict:
 
 
 def openai_body(step: Step, n: int) -> dict:
-    message = {"role": "assistant", "content": step.text or None}
+    message = {"role": "assistant", "content": step.text or None, "refusal": step.refusal or None}
     if step.calls:
         message["tool_calls"] = [
             {"id": f"call_{n}_{i}", "type": "function",
@@ -100,10 +112,17 @@ def error_body(path: str, step: Step) -> dict:
                       "code": None}}
 
 
+def is_probe(body: dict) -> bool:
+    """A pre-flight request: one output token and no tools."""
+    return body.get("max_tokens", body.get("max_completion_tokens")) == 1 and "tools" not in body
+
+
 class FakeLLM:
-    def __init__(self, script: list[Step]):
+    def __init__(self, script: list[Step], answer_probes: bool = True):
         self.script = list(script)
         self.requests: list[Request] = []
+        self.answer_probes = answer_probes
+        self.probes: list[Request] = []        # pre-flight requests answered outside the script
         self.overrun = False                   # a request came after the script was used up
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -158,6 +177,10 @@ class FakeLLM:
                 if self.path not in (ANTHROPIC_PATH, OPENAI_PATH):
                     fake.requests.append(request)
                     return self._send(404, {"error": {"message": f"no route {self.path}"}})
+                render = anthropic_body if self.path == ANTHROPIC_PATH else openai_body
+                if fake.answer_probes and is_probe(body):
+                    fake.probes.append(request)
+                    return self._send(200, render(Step(text="ok"), len(fake.probes)))
                 step, n = fake._next(request)
                 if step is None:
                     return self._send(400, error_body(self.path, Step(status=400, message="script exhausted")))
@@ -165,7 +188,6 @@ class FakeLLM:
                     return                             # the test ended while this reply was held back
                 if step.status != 200:
                     return self._send(step.status, error_body(self.path, step), step.headers)
-                render = anthropic_body if self.path == ANTHROPIC_PATH else openai_body
                 self._send(200, render(step, n))
 
             def _send(self, status: int, payload: dict, headers: dict[str, str] | None = None):

@@ -1,9 +1,10 @@
 """`ratchet run` end to end: fake LLM servers (tests/fakellm.py) propose edits to the stand-in trainer of
 tests/fakerepo.py; real git, runner, evaluator and judge.
 
-The OpenAI wire format runs the whole story in tool mode (accept, a stale proposal, a no-op, a tool error sent
-back); Anthropic runs plain-text mode and a proposer failure. Budgets, duplicates and the offline catalog run in
-process; kill -9, `ratchet stop`, SIGTERM and Ctrl-C run `ratchet run` as a subprocess against a fake server in
+The OpenAI wire format runs the whole story in tool mode (accept, a stale proposal rebased, a no-op, a tool error
+sent back); Anthropic runs plain-text mode and a proposer failure. Budgets, duplicates, the offline catalog and how
+the loop meets a failing proposer (a refused key, failures in a row, an unpriced model, stale and just-in-time
+proposals) run in process; kill -9, `ratchet stop`, SIGTERM and Ctrl-C run `ratchet run` as a subprocess against a fake server in
 this process. Every repo starts as a copy of one template whose baseline is already measured, to keep this fast.
 """
 import json
@@ -25,10 +26,11 @@ from agent import settings
 from agent.harness import Harness
 from agent.records.experiments import order_seed
 from agent.verdict.judge import Judge, JudgeParams
-from agent.loop import Budgets, Loop
+from agent import loop as loop_module
+from agent.loop import Budgets, Loop, Pacing
 from agent.propose.base import Proposal
 from agent.edit.workspace import trailers
-from tests.fakellm import FakeLLM, Step, call, reply
+from tests.fakellm import FakeLLM, Step, call, error, reply
 from tests.fakerepo import QUALITY, REPO, edit, ledger, make_repo, ratchet
 
 SECRET = "sk-test-SECRET-1234567890"  # the fake API key: it must reach the server and nothing Ratchet writes
@@ -40,10 +42,10 @@ def block(old: str, new: str) -> str:
     return f"{TRAINER}\n<<<<<<< SEARCH\n{old}\n=======\n{new}\n>>>>>>> REPLACE\n"
 
 
-def submit(old: str, new: str, hypothesis: str, **kw) -> Step:
+def submit(old: str, new: str, hypothesis: str, notes: str = "", **kw) -> Step:
     """A tool-mode reply that hands in one SEARCH/REPLACE edit of the stand-in trainer."""
-    return call("submit_edit", {"hypothesis": hypothesis, "rationale": "a scripted test edit", "edit": block(old, new)},
-                **kw)
+    arguments = {"hypothesis": hypothesis, "rationale": "a scripted test edit", "edit": block(old, new)}
+    return call("submit_edit", {**arguments, "notes": notes} if notes else arguments, **kw)
 
 
 def plain(old: str, new: str, hypothesis: str) -> Step:
@@ -185,35 +187,41 @@ def branch_diff(root: Path) -> str:
 # end to end, in process
 
 def test_openai_tool_mode_end_to_end(repo, capsys, monkeypatch):
-    """Three proposals: a genuine speedup (accepted), one made against the old head while the speedup was judged
-    (the loop prefetches) that no longer applies, and a no-op whose first submission had a SEARCH text that is not
-    in the file (the proposer sends the error back; the model fixes it)."""
+    """Three experiments: a genuine speedup (accepted) with the model's notes; one made against the old head while
+    the speedup was judged (the loop prefetches) that no longer applies, so the model is asked to rebase it (its
+    rebase is a comment, judged a no-op); and a NaN loss whose first submission had a SEARCH text that is not in the
+    file (the proposer sends the error back; the model fixes it)."""
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     base = git.Repo(repo).git.rev_parse("ratchet/default")
-    script = [submit(*FASTER),
+    script = [submit(*FASTER, notes="the sleep is the whole step: try the loss next"),
               submit("SLEEP = 0.1", "SLEEP = 0.05", "sleep half as long per step"),
-              submit("LOSS = 5.00", "LOSS = 5.00  # a comment", "a comment that changes nothing"),
-              submit(*NOOP)]
+              submit("SLEEP = 0.01", "SLEEP = 0.01  # already below half", "sleep half as long per step"),
+              submit("LOSS = 5.00", 'LOSS = float("nan")', NAN[2]),
+              submit(*NAN)]
     with FakeLLM(script) as server:
         out = ratchet(capsys, "run", "--proposer", "openai", "--base-url", server.url + "/v1", "--max-experiments", "3")
     assert out["decision"] == "stopped" and out["reason"] == "max experiments reached (3)"
-    assert not server.overrun and server.remaining == 0
+    assert not server.overrun and server.remaining == 0 and len(server.probes) == 1
     assert all(r.path == "/v1/chat/completions" and r.headers["authorization"] == f"Bearer {SECRET}"
-               for r in server.requests)
-    # the SEARCH text that is not in the file went back to the model as a tool error
-    answer = server.requests[3].body["messages"][-1]
+               for r in server.requests + server.probes)
+    # the stale edit went back with the error on the new head; the SEARCH text not in the file went back as a tool error
+    rebase = json.dumps(server.requests[2].body["messages"])
+    assert "no longer passes the check" in rebase and "SEARCH text not found" in rebase and "SLEEP = 0.05" in rebase
+    answer = server.requests[4].body["messages"][-1]
     assert answer["role"] == "tool" and "SEARCH text not found" in answer["content"]
 
     rows = experiments(repo)
     assert [(r["id"], r["decision"], r["hypothesis"]) for r in rows] == [
         ("0002", "accepted", FASTER[2]), ("0003", "rejected", "sleep half as long per step"),
-        ("0004", "rejected", NOOP[2])]
-    fast, stale, noop = rows
+        ("0004", "rejected", NAN[2])]
+    fast, rebased, nan = rows
     assert all(r["proposer"] == "openai:gpt-5-mini" and r["kind"] == "run" for r in rows)
-    assert stale["reason"].startswith("edit does not apply") and stale["runs"] == []
-    assert stale["proposed_on"] == base != stale["parent"]
-    assert noop["reason"].startswith(("not significant", "slower", "speedup")), noop["reason"]
-    assert fast["usage"]["calls"] == 1 and noop["usage"]["calls"] == 2
+    assert fast["notes"] == "the sleep is the whole step: try the loss next" and rebased["notes"] == ""
+    assert rebased["proposed_on"] == rebased["parent"] == fast["commit"] != base
+    assert "+SLEEP = 0.01  # already below half" in rebased["diff"]
+    assert rebased["reason"].startswith(("not significant", "slower", "speedup")), rebased["reason"]
+    assert nan["reason"] == "loss is nan at step 1"
+    assert fast["usage"]["calls"] == 1 and rebased["usage"]["calls"] == 2 and nan["usage"]["calls"] == 2
 
     r = git.Repo(repo)
     head = r.git.rev_parse("ratchet/default")
@@ -232,26 +240,29 @@ def test_openai_tool_mode_end_to_end(repo, capsys, monkeypatch):
 def test_anthropic_plain_text_mode_and_a_proposer_failure(repo, capsys, monkeypatch):
     """--no-tools: each reply is the edit. A NaN loss (rejected by the smoke run, before any timed run), then two
     replies whose SEARCH text is not in the file: the corrective follow-up fails too, and the loop records the
-    proposer's failure without running anything."""
+    proposer's failure without running anything, waits the back-off and asks again; the failure is no experiment."""
     monkeypatch.setenv("ANTHROPIC_API_KEY", SECRET)
+    waits = []
+    monkeypatch.setattr(loop_module, "_wait", lambda seconds, should_stop: waits.append(seconds))
     absent = ("SLEEP = 0.5", "SLEEP = 0.05", "sleep less than a value the file does not have")
-    with FakeLLM([plain(*NAN), plain(*absent), plain(*absent)]) as server:
+    with FakeLLM([plain(*NAN), plain(*absent), plain(*absent), plain(*INF)]) as server:
         out = ratchet(capsys, "run", "--proposer", "anthropic", "--base-url", server.url, "--no-tools",
                       "--max-experiments", "2")
-    assert out["reason"] == "max experiments reached (2)"
+    assert out["reason"] == "max experiments reached (2)" and waits == [Pacing().backoff_s]
     assert not server.overrun and server.remaining == 0
     for request in server.requests:
         assert request.path == "/v1/messages" and "tools" not in request.body
         assert SECRET in request.headers.get("x-api-key", "") + request.headers.get("authorization", "")
     assert "could not be used as an edit" in json.dumps(server.requests[2].body["messages"][-1])
 
-    nan, failed = experiments(repo)
-    assert nan["proposer"] == failed["proposer"] == "anthropic:claude-sonnet-4-5"
+    nan, failed, inf = experiments(repo)
+    assert nan["proposer"] == failed["proposer"] == "anthropic:claude-sonnet-5-5"
     assert (nan["decision"], nan["reason"]) == ("rejected", "loss is nan at step 1") and nan["runs"] == []
-    assert nan["hypothesis"] == NAN[2]
+    assert nan["hypothesis"] == NAN[2] and inf["hypothesis"] == INF[2]
     assert failed["decision"] == "failed" and failed["reason"].startswith("proposer failed: no valid edit")
     assert "SEARCH text not found" in failed["reason"] and failed["usage"]["calls"] == 2
     assert git.Repo(repo).git.rev_parse("ratchet/default") == nan["parent"] == failed["parent"]
+    assert loop_state(repo)["experiments"] == 2
     assert files_holding(repo, SECRET) == [] and SECRET not in git.Repo(repo).git.log("--all", "-p")
 
 
@@ -316,6 +327,119 @@ def test_stop_while_waiting_for_the_llm_keeps_the_proposal(repo, capsys, monkeyp
         out = run_openai(capsys, server, "--max-experiments", "1")
     assert out["reason"] == "max experiments reached (1)"
     assert [r["hypothesis"] for r in experiments(repo)] == [NAN[2]] and len(server.requests) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a failing proposer
+
+@pytest.mark.parametrize("status, named", [(401, "the key in OPENAI_API_KEY was refused"),
+                                           (404, "model 'gpt-nope' not found")])
+def test_a_refused_key_or_an_unknown_model_stops_ratchet_run_at_once(repo, capsys, monkeypatch, status, named):
+    """The pre-flight request meets the error: `ratchet run` exits 2 naming what to fix, before any experiment."""
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    with FakeLLM([error(status, message=f"denied {SECRET}")] * 10, answer_probes=False) as server:
+        code = cli.main(["run", "--proposer", "openai", "--model", "gpt-nope", "--base-url", server.url + "/v1",
+                         "--json"])
+    captured = capsys.readouterr()
+    err = " ".join(captured.err.split())  # the console wraps long lines
+    assert code == 2 and named in err and captured.out == ""
+    assert len(server.requests) <= 3 and experiments(repo) == []
+    assert SECRET not in captured.err and files_holding(repo, SECRET) == []
+
+
+class Scripted:
+    """An LLM-like proposer (no catalog keys): `proposals` in order, then nothing; a rebase answers `rebased`."""
+    name = "scripted"
+
+    def __init__(self, proposals: list[Proposal], rebased: Proposal | None = None):
+        self.proposals, self.rebased = list(proposals), rebased
+        self.seen: list[list[str]] = []   # the ids in each context's history
+        self.problems: list[str] = []     # why each rebase was asked for
+
+    def propose(self, context):
+        self.seen.append([row["id"] for row in context.history])
+        return self.proposals.pop(0) if self.proposals else None
+
+    def rebase(self, proposal, context, problem):
+        self.problems.append(problem)
+        return self.rebased
+
+
+def proposed(old: str, new: str, hypothesis: str) -> Proposal:
+    return Proposal(text=edit(old, new, hypothesis), proposer=Scripted.name, hypothesis=hypothesis)
+
+
+def failure(n: int) -> Proposal:
+    return Proposal(text="", proposer=Scripted.name, error=f"API error 500: down ({n})")
+
+
+def test_failed_proposals_back_off_stop_the_loop_and_are_not_experiments(repo):
+    """Failures in a row wait longer each time (capped) and stop the loop at the bound; a proposal in between
+    starts the count again; none of them is an experiment, though each has its ledger row."""
+    waits = []
+    proposer = Scripted([failure(1), failure(2), proposed(*NAN), failure(3), failure(4), failure(5), proposed(*INF)])
+    loop = Loop(Harness(repo, settings.load(repo), "default"), proposer, Budgets(max_experiments=3),
+                pacing=Pacing(backoff_s=10, max_backoff_s=15, max_failures=3),
+                wait=lambda seconds, should_stop: waits.append(seconds))
+    assert loop.run() == "the proposer failed 3 times in a row (the last: API error 500: down (5))"
+    assert waits == [10, 15, 10, 15]
+    assert [(r["decision"], r["hypothesis"]) for r in experiments(repo)] == \
+        [("failed", "")] * 2 + [("rejected", NAN[2])] + [("failed", "")] * 3
+    assert experiments(repo)[0]["reason"] == "proposer failed: API error 500: down (1)"
+    assert loop_state(repo)["experiments"] == 1 and loop_state(repo)["queue"] == []
+
+
+def test_pacing_asks_ahead_unless_experiments_are_long_and_proposals_short():
+    pacing = Pacing()
+    assert [pacing.backoff(n) for n in range(1, 8)] == [10, 20, 40, 80, 160, 300, 300]
+    assert pacing.ask_ahead([30.0], 3600.0) is False                              # 2 min idle in an hour: wait
+    assert pacing.ask_ahead([300.0], 3600.0) is True                              # a proposal is a twelfth of it
+    assert pacing.ask_ahead([1.0], 300.0) is True                                 # short experiments: overlap
+    assert pacing.ask_ahead([], 3600.0) is pacing.ask_ahead([30.0], None) is True  # not known yet
+
+
+@pytest.mark.parametrize("pacing, seen", [(Pacing(), [[], []]),
+                                          (Pacing(long_experiment_s=0, just_in_time_ratio=0), [[], ["0002"]])])
+def test_just_in_time_proposals_see_the_latest_result(repo, pacing, seen):
+    """Asked ahead, the second proposal is made while the first experiment runs; just in time, after its result."""
+    proposer = Scripted([proposed(*NAN), proposed(*INF)])
+    loop = Loop(Harness(repo, settings.load(repo), "default"), proposer, Budgets(max_experiments=2), pacing=pacing)
+    assert loop.run() == "max experiments reached (2)"
+    assert proposer.seen == seen
+
+
+@pytest.mark.parametrize("rebased", [proposed(*NAN), failure(9)])
+def test_a_stale_proposal_is_rebased_before_it_runs(repo, rebased):
+    """Made while the speedup was judged, against the old head, the next edit no longer applies after the accept:
+    its proposer is asked to rebase it, and the rebase runs in its place (or is recorded as the failure it is)."""
+    stale = proposed("SLEEP = 0.1", "SLEEP = 0.05", "sleep half as long per step")
+    proposer = Scripted([proposed(*FASTER), stale], rebased)
+    loop = Loop(Harness(repo, settings.load(repo), "default"), proposer, Budgets(max_experiments=2),
+                wait=lambda seconds, should_stop: None)
+    loop.run()
+    [problem] = proposer.problems
+    assert "SEARCH text not found" in problem
+    fast, second = experiments(repo)[:2]
+    assert fast["decision"] == "accepted" and second["proposed_on"] == second["parent"] == fast["commit"]
+    if rebased.error:
+        assert second["decision"] == "failed"
+        assert second["reason"].startswith("proposer failed: no rebase after an accept (nanomodel/fake_train.py: "
+                                           "block #1: SEARCH text not found")
+    else:
+        assert (second["hypothesis"], second["reason"]) == (NAN[2], "loss is nan at step 1")
+
+
+def test_an_unpriced_model_refuses_a_spend_budget_unless_priced(repo, capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    with FakeLLM([]) as server:
+        args = ["run", "--proposer", "openai", "--model", "qwen3-coder", "--base-url", server.url + "/v1",
+                "--budget-usd", "1", "--max-experiments", "0", "--json"]
+        code = cli.main(args)
+        err = " ".join(capsys.readouterr().err.split())
+        assert code == 2 and "model 'qwen3-coder' has no price" in err and "--price INPUT,OUTPUT" in err
+        assert server.probes == [] and not (repo / "runs" / "default" / "loop.json").exists()
+        assert ratchet(capsys, *args[:-1], "--price", "0.5,1.5")["reason"] == "max experiments reached (0)"
+    assert len(server.probes) == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------

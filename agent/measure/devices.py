@@ -21,6 +21,7 @@ from agent.guard import sandbox
 from agent.guard.child_env import child_env, expect_cuda
 from agent.measure.evaluate import evaluate
 from agent.measure.launcher import resolve_launcher
+from agent.measure.profile import WRAPPER, Profile, ProfileRun, profile_command, profile_outcome
 from agent.measure.runner import AbortPolicy, RunResult, RunnerError, cpu_threads_per_rank, kill_leftovers, run_training
 from agent.settings import Settings
 
@@ -109,12 +110,14 @@ class Devices:
             extra["GLOO_SOCKET_IFNAME"] = "lo"
         return sandbox.loopback_env(child_env(extra)) if self.sandboxed else child_env(extra)
 
-    def wrap(self, cmd: list[str], worktree: Path, run_dir: Path) -> list[str]:
-        """A training command as it runs: under bubblewrap when the machine has it."""
+    def wrap(self, cmd: list[str], worktree: Path, run_dir: Path, extra_ro: tuple[Path, ...] = ()) -> list[str]:
+        """A training command as it runs: under bubblewrap when the machine has it. `extra_ro`: trusted files it
+        reads besides its worktree (the profiled run's wrapper)."""
         if not self.sandboxed:
             return cmd
         return sandbox.wrap(cmd, sandbox.SandboxSpec(
-            worktree=worktree, run_dir=run_dir, train_data=self.train_data_view(), gpus=torch.cuda.is_available()))
+            worktree=worktree, run_dir=run_dir, train_data=self.train_data_view(), extra_ro=list(extra_ro),
+            gpus=torch.cuda.is_available()))
 
     def _evaluator_wrap(self, worktree: Path, weights_dir: Path):
         """The evaluator's sandbox: it alone sees the validation data; the trusted `agent` package and the weights
@@ -168,3 +171,20 @@ class Devices:
             return run_training(self.wrap(self.command(smoke=True), tree, run_dir), cwd=tree,
                                 env=self.env(tree, run_dir, 0), log_path=log_path,
                                 timeout=self.settings.train.first_timeout)
+
+    def profile(self, tree: Path, run_dir: Path, incumbent: Profile | None = None) -> ProfileRun:
+        """One short profiled run of `tree` at the real world size (agent/measure/profile.py), training only, in a
+        fresh `run_dir`, under the lock and time limit of the smoke run: its summary (beside `incumbent`'s when
+        given), or why there is none with the log's tail. Information for the model; no verdict reads it.
+        The sandbox shows the run the wrapper file alone, read-only, beside its worktree: not the `agent` package,
+        which the run never imports (profiled_train.py says why)."""
+        shutil.rmtree(run_dir, ignore_errors=True)  # an earlier run's profile.json must not pass for this one's
+        run_dir.mkdir(parents=True)
+        with self.lock:
+            result = run_training(self.wrap(profile_command(self.command(smoke=False)), tree, run_dir, (WRAPPER,)),
+                                  cwd=tree, env=self.env(tree, run_dir, 0), log_path=run_dir / "profile.log",
+                                  timeout=self.settings.train.first_timeout)
+        outcome = profile_outcome(result, run_dir, incumbent)
+        (run_dir / "final.pt").unlink(missing_ok=True)  # weights and compile caches, as after a measured run
+        shutil.rmtree(run_dir / "cache", ignore_errors=True)
+        return outcome

@@ -35,12 +35,20 @@ class Context:
     editable: list[str]                        # editable globs
     protected: list[str]                       # protected globs
     files: dict[str, str]                      # editable files: repo-relative path -> content
-    incumbent: dict                            # {"commit", "seconds", "val_loss", "target", "step_time", "log_tail"}
+    incumbent: dict                            # {"commit", "seconds", "val_loss", "target", ...}: headline numbers
     hardware: str                              # e.g. "CPU: 2 cores, no GPU; torch 2.13.0" or "8x NVIDIA H100 80GB"
     history: list[dict]                        # ledger rows so far: id, hypothesis, decision, reason, speedup, diff
     rules: str                                 # what counts, what is protected, that the length is calibrated
     pending: list[dict] = field(default_factory=list)  # queued or training now, not in history: {"key", "hypothesis"}
     smoke: Callable[[str], SmokeResult] | None = None  # apply an edit text in a scratch worktree and run the smoke check
+    # the evidence (agent/evidence.py): section title -> text, in the order shown ("Where the time goes", "What the
+    # judge can detect", "Profile of the incumbent", "Hardware facts"); numbers measured by us, or read from the
+    # incumbent's own output and marked so
+    evidence: dict[str, str] = field(default_factory=dict)
+    hints: list[dict] = field(default_factory=list)   # known ideas (the catalog): {"name", "idea", "effect", "tried"}
+    notes: list[str] = field(default_factory=list)    # the model's own notes from earlier proposals, oldest first
+    profile: Callable[[str], str] | None = None       # edit text -> a profile summary of it (waits for the devices)
+    show_experiment: Callable[[str], str] | None = None  # experiment id -> its diff, numbers, runs and log tail
 
 
 @dataclass
@@ -52,6 +60,7 @@ class Proposal:
     attempts: list[dict] = field(default_factory=list)  # smoke/debug attempts, each {"edit", "ok", "log_tail"}
     key: str = ""                              # a stable id (catalog entry name) so an entry is never tried twice
     error: str = ""                            # a failed proposal: recorded, not run (malformed reply, API error)
+    notes: str = ""                            # what the model wants to remember (submit_edit's notes), shown later
 
 
 class Proposer(Protocol):

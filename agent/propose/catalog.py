@@ -47,6 +47,28 @@ def order_for(hardware: str) -> list[str]:
     return CPU_ORDER if hardware == "cpu" else GPU_ORDER
 
 
+def hints(history: list[dict], hardware_line: str) -> list[dict]:
+    """The entries for this hardware as known ideas for an LLM proposer, in the catalog's order: {"name", "idea",
+    "effect" (what the rationale says was measured, else its speedrun record), "tried" (this ledger's verdict on
+    it, by key or hypothesis; "" if never tried)}."""
+    entries = {entry.key: entry for entry in ENTRIES}
+    found = []
+    for key in order_for(detect_hardware(hardware_line)):
+        entry = entries[key]
+        rows = [r for r in history if r.get("key") == key or (r.get("hypothesis") or "").strip() == entry.hypothesis]
+        tried = ", ".join(f"{r['id']} {r.get('decision', '?')}"
+                          + (f" {r['speedup']:+.1%}" if isinstance(r.get("speedup"), float) else "") for r in rows)
+        found.append({"name": key, "idea": entry.hypothesis, "effect": measured_effect(entry.rationale), "tried": tried})
+    return found
+
+
+def measured_effect(rationale: str) -> str:
+    """The sentences of a rationale that report a measurement (ours on cpu-tiny, or the speedrun record's)."""
+    sentences = re.split(r"(?<=\.)\s+(?=[A-Z])", " ".join(rationale.split()))
+    measured = [s for s in sentences if re.search(r"\b(measured|on cpu-tiny|speedrun \[\d+\])", s, re.I)]
+    return " ".join(measured)
+
+
 def render(entry: Entry, files: dict[str, str]) -> str:
     """The entry's full edit text: header, static blocks, and its config changes against files[CONFIG_PATH]."""
     blocks = entry.blocks

@@ -6,8 +6,10 @@ turn with tool results (`_user_turn`).
 
 Retries are the SDK's own (its `max_retries` is max_attempts - 1, its timeout request_timeout_s per attempt): 408,
 409, 429, 5xx, timeouts and connection errors are tried again after the server's retry-after or an exponential
-backoff. A retry-after over two minutes, and any other error (a bad key, 401 or 403, first of all), fail at once.
-What is left when the SDK gives up becomes a ProposalFailed with a one-line reason.
+backoff. A retry-after over two minutes, and any other error, fail at once. What is left when the SDK gives up
+becomes a ProposalFailed with a one-line reason, except what no later request can get past: a refused key (401,
+403), an unknown model (404) or no key at all are a ProposerFatal, which stops the loop (`preflight` asks once
+before the night starts, so they stop it before the baseline).
 API keys come from the environment only, and `scrub` keeps them out of every message this module makes.
 """
 import os
@@ -22,10 +24,20 @@ from agent.propose.prompt import cut
 
 MESSAGE_CHARS = 300  # an API error's message is cut here
 LONGEST_RETRY_AFTER_S = 120.0  # the OpenAI SDK's limit; no_long_waits sets it for Anthropic's
+KEY_REFUSED = (401, 403)   # the same key gets the same answer next time
+NOT_FOUND = 404            # the model (or the endpoint) does not exist there
+# why a reply ended, the same for every provider (each maps its own stop reasons onto these)
+END, TOOL_USE, MAX_TOKENS, REFUSAL = "end", "tool_use", "max_tokens", "refusal"
+PROBE_SYSTEM = "Reply with one word."  # the pre-flight request's system prompt
 
 
 class ProposalFailed(Exception):
     """No edit this time (API error, bounds reached, nothing parseable): becomes Proposal.error."""
+
+
+class ProposerFatal(Exception):
+    """No proposal can ever succeed (the key refused or missing, the model unknown): the loop stops with this message
+    instead of recording a failure every few milliseconds until a budget ends. propose() lets it through."""
 
 
 @dataclass
@@ -44,12 +56,24 @@ class ToolResult:
 
 
 @dataclass
+class Ask:
+    """One request, provider-neutral; each provider writes it in its wire format (`_send`)."""
+    system: str
+    messages: list
+    tools: list[dict] | None   # tool specs offered; None: none
+    tools_allowed: bool        # False: offered (a conversation holding tool calls must define them) but not to call
+    max_tokens: int            # the answer's limit; thinking, when on, gets its own budget on top (Anthropic)
+    think: bool = False        # extended thinking (Anthropic) or the reasoning effort set (OpenAI)
+
+
+@dataclass
 class Reply:
     """One model reply, read from the provider's wire format."""
     text: str
     calls: list[ToolCall]
     usage: Usage               # tokens of this call; cost is added by the proposer
     message: dict              # the assistant turn, in the provider's format, to append to the conversation
+    stop: str = END            # why it ended: END, TOOL_USE, MAX_TOKENS (cut at max_tokens) or REFUSAL
 
 
 def retry_after(headers) -> float | None:
@@ -119,7 +143,7 @@ class ChatAPI:
         """The SDK's client, given api_key, base_url, max_retries and timeout."""
         raise NotImplementedError
 
-    def _send(self, client, system: str, messages: list, tools: list[dict] | None, tools_allowed: bool) -> Reply:
+    def _send(self, client, ask: Ask) -> Reply:
         """One request (the SDK retries it); SDK errors propagate."""
         raise NotImplementedError
 
@@ -128,27 +152,51 @@ class ChatAPI:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ requests
-    def request(self, system: str, messages: list, tools: list[dict] | None, tools_allowed: bool) -> Reply:
-        """One reply; ProposalFailed once the SDK has given up (or at once, for an error not worth retrying)."""
+    def request(self, ask: Ask) -> Reply:
+        """One reply; ProposalFailed once the SDK has given up (or at once, for an error not worth retrying);
+        ProposerFatal for an error that every later request would get too."""
         client = self._client_or_fail()
         try:
-            return self._send(client, system, messages, tools, tools_allowed)
+            return self._send(client, ask)
         except self.sdk_error as e:
-            raise ProposalFailed(self._failure(e)) from e
+            if fatal := self._fatal(e):
+                raise ProposerFatal(self.scrub(fatal)) from e
+            raise ProposalFailed(self.scrub(self._failure(e))) from e
+
+    def preflight(self) -> None:
+        """One tiny request (one output token, no tools, no thinking) before the night starts: a refused key or an
+        unknown model is a ProposerFatal now, before the baseline is measured, not a failed proposal later."""
+        self.request(Ask(PROBE_SYSTEM, [{"role": "user", "content": "ping"}], None, False, max_tokens=1))
+
+    @property
+    def key_env(self) -> str:
+        return self.api_key_env or self.default_key_env
 
     def _client_or_fail(self):
         if self._client is None:
-            key_env = self.api_key_env or self.default_key_env
+            key_env = self.key_env
             key = os.environ.get(key_env, "")
             base_url = self.base_url or os.environ.get(self.base_url_env) or None
             if not key:
                 if base_url is None:
-                    raise ProposalFailed(f"{key_env} is not set: export it, or name another variable with "
-                                         "--api-key-env")
+                    raise ProposerFatal(f"{key_env} is not set: export it, or name another variable with "
+                                        "--api-key-env")
                 key = "none"  # OpenAI-compatible servers (vLLM, llama.cpp, Ollama) need none; the SDKs want one
             self._client = self._make_client(api_key=key, base_url=base_url, max_retries=self.max_attempts - 1,
                                              timeout=self.request_timeout_s)
         return self._client
+
+    def _fatal(self, e: Exception) -> str:
+        """The loop's last words for an error no later request can get past, naming what to fix; "" for others."""
+        if not isinstance(e, self.status_error) or e.status_code not in (*KEY_REFUSED, NOT_FOUND):
+            return ""
+        failure = self._failure(e)
+        if e.status_code in KEY_REFUSED:
+            return (f"{self.provider}: the key in {self.key_env} was refused ({failure}): export a valid key in "
+                    f"{self.key_env}, or name another variable with --api-key-env")
+        where = self.base_url or os.environ.get(self.base_url_env) or f"the {self.provider} API"
+        return (f"{self.provider}: model {self.model!r} not found at {where} ({failure}): check --model "
+                "(and --base-url)")
 
     def _failure(self, e: Exception) -> str:
         """What failed, in one line: the status and the server's message, or the connection error."""
@@ -166,7 +214,7 @@ class ChatAPI:
 
     def scrub(self, text: str) -> str:
         """text without the API key (this proposer's variable, whatever its name) or any secret variable's value."""
-        key = os.environ.get(self.api_key_env or self.default_key_env, "")
+        key = os.environ.get(self.key_env, "")
         if len(key) >= 4:
             text = text.replace(key, "[redacted]")
         return redact(text)

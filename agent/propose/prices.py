@@ -1,6 +1,6 @@
 """What an LLM call costs: list prices in USD per million tokens, and the cost of one call's usage.
 
-Prices are the providers' published list prices (late 2025); a config may override or add models with
+Prices are the providers' published list prices (late 2025; the Claude 5 models as of November 2026); a config may override or add models with
 `prices={"model": {"input": 3, "output": 15, ...}}`. A model with no price costs 0 and the proposer says so:
 a self-hosted OpenAI-compatible server is free, a new hosted model needs an entry.
 """
@@ -58,6 +58,11 @@ def _openai(input: float, output: float, cached: float) -> Price:
 
 
 PRICES: dict[str, Price] = {
+    "claude-opus-5-5": _anthropic(4, 20),
+    "claude-opus-5": _anthropic(5, 25),
+    "claude-sonnet-5-5": _anthropic(2, 10),
+    "claude-sonnet-5": _anthropic(2, 10),
+    "claude-sonnet-4-6": _anthropic(3, 15),
     "claude-opus-4-5": _anthropic(5, 25),
     "claude-opus-4-1": _anthropic(15, 75),
     "claude-opus-4": _anthropic(15, 75),

@@ -10,12 +10,13 @@ import re
 from importlib import resources
 
 from agent.propose.base import Context
+from agent.propose.history_text import FIELD_CHARS, cut, history_lines
 
 PROMPTS = resources.files(__package__) / "prompts"  # shipped as package data (pyproject.toml)
 # history in the prompt: enough to learn from, bounded so a long night does not outgrow the context window
 HISTORY_ROWS = 150              # newest ledger rows shown
-HISTORY_FIELD_CHARS = 240       # a row's hypothesis or reason is cut here
-HISTORY_DIFF_CHARS = 6_000      # an accepted experiment's diff is cut here
+NOTES_SHOWN = 5                 # the model's latest notes shown
+SUMMARY_EVERY = 10              # every this many experiments the model is asked to sum up what was learned
 
 
 @functools.cache
@@ -29,12 +30,6 @@ EDIT_FORMAT = _read("edit_format")
 def prompt_text(name: str, **fields) -> str:
     """prompts/<name>.txt without its final newline, its {fields} filled in ({edit_format}: the edit format)."""
     return _read(name).format(edit_format=EDIT_FORMAT, **fields)
-
-
-def cut(text: str, limit: int) -> str:
-    """text on one line (whitespace runs made single spaces), at most limit characters."""
-    text = " ".join(str(text or "").split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _fence(text: str) -> str:
@@ -85,44 +80,39 @@ def _value(value) -> str:
     return str(value)
 
 
-def _history_line(row: dict) -> str:
-    line = f"- {row.get('id', '?')} {row.get('decision', '?')}: {cut(row.get('hypothesis'), HISTORY_FIELD_CHARS)}"
-    if row.get("reason"):
-        line += f" | {cut(row['reason'], HISTORY_FIELD_CHARS)}"
-    if isinstance(row.get("speedup"), (int, float)):
-        line += f" | speedup {row['speedup']:+.1%}"
-    if isinstance(row.get("val_loss"), (int, float)):
-        line += f" | val loss {row['val_loss']:.4f}"
-    return line
-
-
-def _accepted_diff(row: dict) -> str:
-    """An accepted experiment's diff, fenced, cut at HISTORY_DIFF_CHARS."""
-    diff = row["diff"]
-    if len(diff) > HISTORY_DIFF_CHARS:
-        diff = diff[:HISTORY_DIFF_CHARS] + "\n... (diff cut)"
-    fence = _fence(diff)
-    return (f"## Accepted {row.get('id', '?')}: {cut(row.get('hypothesis'), HISTORY_FIELD_CHARS)}"
-            f"\n{fence}diff\n{diff.rstrip()}\n{fence}")
+def _hint_line(hint: dict) -> str:
+    tried = f" [tried: {hint['tried']}]" if hint.get("tried") else ""
+    effect = f" ({cut(hint['effect'], FIELD_CHARS)})" if hint.get("effect") else ""
+    return f"- {hint['name']}: {cut(hint['idea'], FIELD_CHARS)}{effect}{tried}"
 
 
 def context_message(context: Context, tools: bool) -> str:
-    """The first user message: what changes from one proposal to the next (the incumbent, the history)."""
+    """The first user message: what changes from one proposal to the next: the incumbent and the evidence on it,
+    known ideas, the history, the model's notes, the edits being tried now."""
     incumbent = "\n".join(f"{key}: {_value(value)}" for key, value in context.incumbent.items()
                           if value not in (None, "", []))
     parts = [f"# The incumbent\n{incumbent or '(no measurements yet)'}"]
+    parts += [f"# {title}\n{text.strip()}" for title, text in context.evidence.items() if text.strip()]
+    if context.hints:
+        parts.append("# Known ideas (the NanoGPT speedrun's; effects measured elsewhere unless said)\n"
+                     + "\n".join(_hint_line(hint) for hint in context.hints))
     rows = context.history[-HISTORY_ROWS:]
     if rows:
         older = len(context.history) - len(rows)
         head = f"# Experiments so far, oldest first ({older} older ones not shown)" if older else \
             "# Experiments so far, oldest first"
-        parts.append(head + "\n" + "\n".join(_history_line(row) for row in rows))
-        parts += [_accepted_diff(row) for row in rows if row.get("decision") == "accepted" and row.get("diff")]
+        parts.append(head + "\n" + "\n".join(history_lines(rows)))
         parts.append(prompt_text("learn_from_history"))
     else:
         parts.append("# Experiments so far\nNone yet.")
+    if context.notes:
+        parts.append("# Your notes from earlier proposals, oldest first\n"
+                     + "\n".join(f"- {cut(note, 4 * FIELD_CHARS)}" for note in context.notes[-NOTES_SHOWN:]))
     if context.pending:
         parts.append("# Being tried now (do not propose these again)\n" + "\n".join(
-            f"- {cut(p.get('hypothesis'), HISTORY_FIELD_CHARS)}" for p in context.pending))
-    parts.append(prompt_text("ask_with_tools" if tools else "ask_plain"))
+            f"- {cut(p.get('hypothesis'), FIELD_CHARS)}" for p in context.pending))
+    ask = prompt_text("ask_with_tools" if tools else "ask_plain")
+    if tools and context.history and len(context.history) % SUMMARY_EVERY == 0:
+        ask += " " + prompt_text("ask_for_summary")
+    parts.append(ask)
     return "\n\n".join(parts)

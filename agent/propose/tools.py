@@ -1,7 +1,8 @@
 """The tools an LLM proposer may call, and the read-only view of the incumbent they work on.
 
 list_files / read_file / grep read the incumbent's tree, confined to it (no '..', no symlinks out, nothing in
-.git); run_smoke and submit_edit are answered by the proposer's loop (llm_proposer.py). The specs the model sees
+.git); show_experiment, run_smoke, profile and submit_edit are answered by the proposer's loop (llm_proposer.py)
+with the services the Context carries. The specs the model sees
 are data, in prompts/tool_specs.json. A mistake in a call (bad path, bad pattern, wrong argument) is a ToolError,
 whose message goes back to the model so it can correct itself.
 """
@@ -9,7 +10,9 @@ import json
 import re
 from pathlib import Path
 
-from agent.propose.prompt import PROMPTS, cut
+from agent.propose.base import Context
+from agent.propose.history_text import cut
+from agent.propose.prompt import PROMPTS
 
 # tool output limits: each result is resent with every later request of the conversation, so keep them short
 MAX_TOOL_OUTPUT_CHARS = 20_000  # one tool result; longer ones are cut with a note saying how to read on
@@ -26,9 +29,10 @@ class ToolError(Exception):
     """A tool call the model got wrong (bad path, bad pattern); its message goes back to the model."""
 
 
-def tool_specs(smoke: bool) -> list[dict]:
-    """The tools offered: run_smoke only when the loop gave us a smoke check."""
-    return [spec for spec in TOOL_SPECS if smoke or spec["name"] != "run_smoke"]
+def tool_specs(context: Context) -> list[dict]:
+    """The tools offered: run_smoke, profile and show_experiment only when the loop gave the context their service."""
+    services = {"run_smoke": context.smoke, "profile": context.profile, "show_experiment": context.show_experiment}
+    return [spec for spec in TOOL_SPECS if services.get(spec["name"], True) is not None]
 
 
 def check_arguments(spec: dict, arguments: dict) -> dict:

@@ -1,7 +1,7 @@
 """`ratchet`: the command line. Every command works from the repo's ratchet.toml (written by `ratchet init`).
 
-Exit codes: 0 for any decision (accepted or rejected); 2 for errors (bad arguments, broken setup); `doctor`: 1 when
-a check failed.
+Exit codes: 0 for any decision (accepted or rejected); 2 for errors (bad arguments, broken setup, an API key refused
+or a model unknown); `doctor`: 1 when a check failed.
 With --json, `try`, `baseline` and `replay` end with one JSON object on a line of its own on stdout.
 """
 import argparse
@@ -25,13 +25,19 @@ from agent.measure.runner import RunnerError
 from agent.guard.sandbox import SandboxError
 from agent.records.ledger import Ledger
 from agent.records.types import Arm
+from agent.propose.chat_api import ProposerFatal
 from agent.settings import SettingsError
 from agent.ui.view import ConsoleEvents, fmt
 from agent.edit.workspace import Workspace, WorkspaceError, repo_root
 from nanomodel.data import DataError
 
+
+class UsageError(Exception):
+    """Options that cannot work together."""
+
+
 ERRORS = (SettingsError, HarnessError, WorkspaceError, EditError, IntegrityError, RunnerError, SandboxError,
-          DataError, FileNotFoundError, BoxError)
+          DataError, FileNotFoundError, BoxError, ProposerFatal, UsageError)
 err = Console(stderr=True)
 
 
@@ -183,12 +189,14 @@ def cmd_run(args) -> int:
     from agent.propose import default_kind, make_proposer
     from agent.ui.report import write_report
 
-    h = _harness(args)
     kind = args.proposer or default_kind()
     if kind == "catalog":
         reason = "chosen with --proposer" if args.proposer else "no ANTHROPIC_API_KEY or OPENAI_API_KEY set"
         err.print(f"proposer: catalog (offline, built-in speedrun ideas; {reason})")
-    proposer = make_proposer(kind, model=args.model, base_url=args.base_url, tools=not args.no_tools)
+    proposer = make_proposer(kind, model=args.model, base_url=args.base_url, tools=not args.no_tools,
+                             api_key_env=args.api_key_env, price=args.price, thinking=args.thinking)
+    _check_priced(proposer, args.budget_usd)
+    h = _harness(args)
     if h.devices.nproc == 1 and not _has_gpu():
         err.print(f"device: CPU only, config {h.settings.train.config} (no GPU found)")
     budgets = Budgets(max_experiments=args.max_experiments, hours=args.hours, budget_usd=args.budget_usd)
@@ -197,6 +205,26 @@ def cmd_run(args) -> int:
     err.print(f"report: {report}")
     _emit(args, {"decision": "stopped", "reason": reason})
     return 0
+
+
+def _check_priced(proposer, budget_usd: float | None) -> None:
+    """A spend budget needs a price: a model without one would count as free, and the budget would never stop."""
+    from agent.propose.llm_proposer import LLMProposer
+    if budget_usd is not None and isinstance(proposer, LLMProposer) and not proposer.priced:
+        raise UsageError(f"--budget-usd: model {proposer.model!r} has no price in the built-in table, so its spend "
+                         "cannot be counted; give one with --price INPUT,OUTPUT (USD per million input and output "
+                         "tokens, e.g. --price 3,15)")
+
+
+def _price(text: str) -> dict:
+    """--price INPUT,OUTPUT -> {"input", "output"} in USD per million tokens."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 2 or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected INPUT,OUTPUT in USD per million tokens, e.g. 3,15")
+    return {"input": values[0], "output": values[1]}
 
 
 def _has_gpu() -> bool:
@@ -266,9 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="LLM model name")
     p.add_argument("--base-url", help="API endpoint (OpenAI-compatible servers: vLLM, llama.cpp, Ollama)")
     p.add_argument("--no-tools", action="store_true", help="plain-text mode, for models without tool use")
-    p.add_argument("--max-experiments", type=int)
+    p.add_argument("--api-key-env", default="", metavar="NAME",
+                   help="the variable holding the API key (default: ANTHROPIC_API_KEY or OPENAI_API_KEY)")
+    p.add_argument("--price", type=_price, metavar="INPUT,OUTPUT",
+                   help="the model's price, USD per million input and output tokens (e.g. 3,15): needed with "
+                        "--budget-usd for a model the built-in price table lacks")
+    p.add_argument("--thinking", choices=["auto", "on", "off"], default="auto",
+                   help="extended thinking (Anthropic) or high reasoning effort (OpenAI); auto: on for models that "
+                        "think, once the incumbent's run takes 10 minutes or more")
+    p.add_argument("--max-experiments", type=int, help="experiments for this tag (failed proposals do not count)")
     p.add_argument("--hours", type=float)
-    p.add_argument("--budget-usd", type=float)
+    p.add_argument("--budget-usd", type=float, help="LLM spend for this tag, in USD")
     p.add_argument("--json", action="store_true")
     command("stop", cmd_stop, "ask a running `ratchet run` to stop after its current training run")
     command("report", cmd_report, "write runs/<tag>/report.html and progress.png")
