@@ -256,3 +256,21 @@ def test_show_experiment_gives_a_rejected_edit_whole(repo, tmp_path):
     assert "0006" in context.show_experiment("6") and "RuntimeError: the kernel needs a GPU" in context.show_experiment("6")
     with pytest.raises(ValueError, match="no experiment '0099'"):
         context.show_experiment("0099")
+
+
+def test_the_incumbent_profile_is_made_once_and_the_profile_tool_checks_its_edit(repo, monkeypatch):
+    h = Harness(repo, settings.load(repo), "default")
+    head = h.ws.head()
+    made = []
+    real = h.devices.profile
+    monkeypatch.setattr(h.devices, "profile", lambda tree, run_dir, incumbent=None: made.append(tree) or
+                        real(tree, run_dir, incumbent))
+    first = h.profile_incumbent()
+    assert len(made) == 1 and not first.ok and first.text.startswith("no profile:")  # the stand-in trains nothing
+    assert h.profile_incumbent().text == first.text and len(made) == 1                # kept, not made again
+    context = h.context(head, night=NIGHT)
+    assert context.evidence["Profile of the incumbent"] == first.text
+    assert context.profile("") == first.text and len(made) == 1
+    with pytest.raises(ValueError, match="edit does not apply"):
+        context.profile(EDIT.replace("SLEEP = 0.1", "SLEEP = 7"))
+    assert context.profile(EDIT).startswith("no profile:") and len(made) == 2          # the edit's own run
