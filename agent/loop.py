@@ -10,7 +10,8 @@ The proposer is paced: a pre-flight request at start stops the loop at once on a
 longer before the next ask, and a run of them stops the loop (Pacing). When an experiment takes far longer than a
 proposal, the loop asks just in time instead of ahead, so the proposal sees the latest result. A proposal made
 before an accept is checked against the new head before it runs, and one that no longer applies is rebased by its
-proposer (a catalog entry is proposed again).
+proposer (a catalog entry is proposed again). For a proposer that reads the evidence (the LLMs: `reads_profile`), the incumbent
+is profiled after the baseline and after each accept (ProposerServices.incumbent_profile).
 
 Stopping: `ratchet stop`, a STOP file in runs/<tag>/, SIGTERM or a first Ctrl-C finish the current training run
 and stop cleanly (the same command resumes the unfinished experiment with the runs it finished); a second Ctrl-C
@@ -320,7 +321,8 @@ class Loop:
                     self.say("no baseline for this tag yet: measuring it first")
                     measure_baseline(h, should_stop=stop)
                 while True:
-                    h.profile_incumbent()  # after the baseline and after an accept: a short run; else kept
+                    if getattr(self.proposer, "reads_profile", False):
+                        h.profile_incumbent()  # after the baseline and after an accept: a short run; else kept
                     loop = self._read()
                     reason = self.budgets.exhausted(loop)
                     if reason is None and stop():

@@ -28,7 +28,7 @@ from agent.propose.rules import hardware_summary, rules_text
 from agent.records.ledger import Ledger
 from agent.records.types import Arm
 from agent.settings import Settings
-from agent.verdict.judge import JudgeParams, NoisePrior
+from agent.verdict.judge import CANDIDATE, JudgeParams, NoisePrior
 
 
 EXPERIMENT_KINDS = ("try", "run", "calibrate")  # ledger rows the model sees (not baseline or replay rows)
@@ -103,10 +103,11 @@ class ProposerServices:
                 found = {**found, PROFILE: profile.text}
         history = [self.view(r) for r in rows if r["kind"] in EXPERIMENT_KINDS]
         notes = [r["notes"] for r in rows if r.get("notes")]
+        hardware = hardware_summary(self.devices.nproc)
         return Context(root=str(tree), editable=s.paths.editable, protected=s.paths.protected, files=files,
-                       incumbent=incumbent, hardware=hardware_summary(self.devices.nproc), history=history,
+                       incumbent=incumbent, hardware=hardware, history=history,
                        rules=rules_text(s), pending=list(pending), smoke=lambda text: self.smoke_check(text, head),
-                       evidence=found, hints=hints(history, hardware_summary(self.devices.nproc)), notes=notes,
+                       evidence=found, hints=hints(history, hardware), notes=notes,
                        show_experiment=self.show_experiment, profile=lambda text: self.profile_check(text, head))
 
     def view(self, row: dict, log_lines: int = 3) -> dict:
@@ -117,8 +118,6 @@ class ProposerServices:
         view = {k: row.get(k) for k in keep if row.get(k) is not None}
         if row.get("decision") == "accepted":
             view["diff"] = row.get("diff", "")
-        if row.get("policy"):
-            view["policy_flags"] = [f["message"] for f in row["policy"]]
         failed = [m for m in [row.get("smoke") or {}, *row.get("runs", [])] if m.get("status") not in (None, "ok")]
         if failed and failed[-1].get("log"):
             view["log_tail"] = _log_tail(Path(failed[-1]["log"]), log_lines)
@@ -130,7 +129,7 @@ class ProposerServices:
         if row is None or row["kind"] not in EXPERIMENT_KINDS:
             raise ValueError(f"no experiment {exp_id!r}; the ids are those the history lists")
         view = self.view(row, log_lines=30) | {"diff": row.get("diff", ""), "runs": row.get("runs", [])}
-        candidate = [m for m in row.get("runs", []) if m.get("arm") == "candidate" and m.get("curve")]
+        candidate = [m for m in row.get("runs", []) if m.get("arm") == CANDIDATE and m.get("curve")]
         if candidate:
             curve = candidate[-1]["curve"]
             view["curve"] = [(p["step"], p["loss"]) for p in curve[::max(1, len(curve) // CURVE_POINTS)]]

@@ -235,6 +235,10 @@ def test_openai_tool_mode_end_to_end(repo, capsys, monkeypatch):
     assert files_holding(repo, SECRET) == []
     assert SECRET not in r.git.log("--all", "-p")
     assert not any((repo / "runs" / "default" / "worktrees").iterdir())
+    # an LLM reads the incumbent's profile: made at the start (the baseline's head) and after the accept, once each
+    profiles = repo / "runs" / "default" / "profiles"
+    assert sorted(p.name for p in profiles.iterdir()) == sorted([base[:12], head[:12]])
+    assert all((p / "summary.txt").read_text().startswith("no profile:") for p in profiles.iterdir())  # a stand-in
 
 
 def test_anthropic_plain_text_mode_and_a_proposer_failure(repo, capsys, monkeypatch):
@@ -499,6 +503,7 @@ def test_catalog_is_the_offline_default_and_says_so(tmp_path, dataset, capsys, m
     assert "no baseline for this tag yet: measuring it first" in err
     assert json.loads(captured.out.splitlines()[-1])["reason"] == "max experiments reached (0)"
     assert [r["kind"] for r in ledger(root)] == ["baseline"]
+    assert not (root / "runs" / "default" / "profiles").exists()  # the catalog reads no profile: none is made
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -64,6 +64,9 @@ class Proposal:
 
 
 class Proposer(Protocol):
+    """Optional, asked by the loop where present (the LLM proposers have them): preflight() before the night,
+    rebase(proposal, context, problem) for a queued edit an accept made stale, and reads_profile (True: the loop
+    profiles the incumbent for it after the baseline and each accept)."""
     name: str                                  # "catalog", "anthropic:<model>", ...
 
     def propose(self, context: Context) -> Proposal | None:

@@ -66,6 +66,7 @@ class LLMProposer(ChatAPI):
     think_above_s: float = 600.0
 
     thinking_models: ClassVar[tuple[str, ...]] = ()  # model-name prefixes that take the provider's thinking setting
+    reads_profile: ClassVar[bool] = True  # the loop profiles the incumbent for it (the catalog reads no evidence)
 
     def __post_init__(self):
         super().__post_init__()
