@@ -1,4 +1,4 @@
-"""One experiment, end to end: edit -> worktree -> guard -> smoke -> timed runs + evaluator -> judge -> git + ledger.
+"""One experiment, end to end: edit -> worktree -> guard -> opening run -> timed runs + evaluator -> judge -> git + ledger.
 
 Trust boundaries, in the order an edit crosses them:
   1. integrity.path_violation: the edit may touch only editable, unprotected paths (before anything runs)
@@ -34,6 +34,9 @@ from agent.settings import Settings
 from agent.verdict import calibrate, history
 from agent.verdict.judge import CANDIDATE, INCUMBENT, Judge, JudgeParams, NoisePrior
 from agent.verdict.screen import ScreenMonitor
+
+
+OPENING_SEED = 0  # the opening run's seed, which marks it in an experiment's journal (timed runs: 100 + pair)
 
 
 class HarnessError(RuntimeError):
@@ -126,9 +129,10 @@ class Harness:
         """The run-time noise of every experiment of the tag so far, for the judge ([judge] use_history)."""
         return history.noise_prior(self.ledger.rows()) if self.settings.judge.use_history else None
 
-    def screen(self, row: dict, first: AbortPolicy) -> ScreenMonitor | None:
-        """The monitor of the candidate's first timed run in experiment `row` (history.screen_reference), with
-        `first` asked before it; None when [screen] is off or no reference can be made."""
+    def screen(self, row: dict, first: AbortPolicy, until: float = 1.0) -> ScreenMonitor | None:
+        """The monitor of the candidate's screen run or first timed run in experiment `row`
+        (history.screen_reference), with `first` asked before it and stopping the run at `until` of its steps; None
+        when [screen] is off or no reference can be made."""
         if not self.settings.screen.enabled:
             return None
         params = settings_mod.screen_params(self.settings)
@@ -137,7 +141,7 @@ class Harness:
         except ValueError as e:
             self.events.stage(f"no screen: {e}")
             return None
-        return None if reference is None else ScreenMonitor(reference, params, first=first)
+        return None if reference is None else ScreenMonitor(reference, params, first=first, until=until)
 
     # ------------------------------------------------------------------ one run
     def measure(self, arm: str, worktree: Path, run_dir: Path, seed: int, *, timeout: float,
@@ -225,32 +229,23 @@ class Harness:
 
     def judge_runs(self, cand_wt: Path, inc_wt: Path, exp_dir: Path, row: dict, incumbent: dict, target: float,
                calibrate_noise: float | None = None, done: tuple = ()):
-        """Smoke run, then interleaved timed runs until the judge decides. -> (decision, reason, verdict dict, stage)
-        `done`: the smoke and the timed runs this experiment finished before an interruption (its journal), in order;
-        they are taken as measured and only the rest is run.
+        """The opening run, then interleaved timed runs until the judge decides. -> (decision, reason, verdict dict,
+        stage). `done`: the runs this experiment finished before an interruption (its journal), in order; they are
+        taken as measured and only the rest is run.
 
         `calibrate_noise`: step calibration follows; the judge may stop a candidate that learns clearly better than
         it needs to at its first look (Judge's learns_better_noise)."""
         s = self.settings
         inc_seconds = Arm.from_state(incumbent).mean_seconds
         done = list(done)
-        # smoke: a few untimed steps and the causality probe, before any timed run
-        if done:
-            smoke = Measurement(**done.pop(0))
-            self.events.stage(f"resuming: the smoke run and {len(done)} timed runs were measured before")
-        else:
-            self.events.stage("smoke run")
-            smoke = self.measure(CANDIDATE, cand_wt, exp_dir / "smoke", seed=0, smoke=True, policy=AbortPolicy(),
-                                 timeout=s.train.timeout_factor * inc_seconds)
-            if smoke.ok:
-                self.ledger.add_to_journal(row["id"], asdict(smoke))
-        row["smoke"] = asdict(smoke)
-        if not smoke.ok:
-            return Decision.REJECTED, failure_reason(smoke), None, Stage.SMOKE
         row["order_seed"] = order_seed(self.ws.tag, row["id"])
         prior = self.noise_prior()
         row["prior"] = None if prior is None else {"var": prior.var, "df": prior.df}
         judge = Judge(self.judge_params(), target, row["order_seed"], prior, learns_better_noise=calibrate_noise)
+        opened = done.pop(0) if done and done[0]["seed"] == OPENING_SEED else None
+        rejected = self.opening(judge.order[0], cand_wt, exp_dir, row, inc_seconds, opened)
+        if rejected:
+            return rejected
         inc_curve = incumbent["curve"]
         for entry in done:
             m = Measurement(**entry)
@@ -298,6 +293,46 @@ class Harness:
             self.ledger.add_to_journal(row["id"], asdict(m))
             judge.add(arm, m.seconds, m.val_loss)
         return Decision(verdict.state), verdict.reason, asdict(verdict), Stage.JUDGE
+
+    def opening(self, first_arm: str, cand_wt: Path, exp_dir: Path, row: dict, inc_seconds: float,
+                opened: dict | None) -> tuple | None:
+        """The candidate's untimed run in front of the first block, which catches a crash before it costs timed runs.
+        When the screen has the incumbent's recent runs ([screen] recent_runs, the GPU presets) and opening_fraction
+        is above 0:
+        - a block that opens with the candidate (C I I C) needs none: that first timed run is the screen's against
+          those runs, and its evaluation, like every evaluation, runs the causality probe first;
+        - a block that opens with the incumbent gets a screen run: the full command under the screen against those
+          runs, stopped at opening_fraction of its steps. A candidate that cannot win then costs part of a run,
+          not the lead incumbent run and a candidate run.
+        Otherwise (the CPU presets): the smoke run, a few steps and the causality probe.
+        -> a rejection (decision, reason, None, stage), or None to go on. `opened`: its journal entry (a resume)."""
+        if opened is not None:
+            self.events.stage("resuming: the opening run was measured before")
+            row["smoke"] = opened
+            return None
+        fraction = self.settings.screen.opening_fraction
+        screen = self.screen(row, first=AbortPolicy(), until=fraction) if fraction > 0 else None
+        if screen is not None and first_arm == CANDIDATE:
+            return None
+        timeout = self.settings.train.timeout_factor * inc_seconds
+        if screen is None:
+            self.events.stage("smoke run")
+            m = self.measure(CANDIDATE, cand_wt, exp_dir / "smoke", seed=OPENING_SEED, smoke=True,
+                             policy=AbortPolicy(), timeout=timeout)
+        else:
+            self.events.stage(f"screen run (to {fraction:.0%} of the steps, against the incumbent's recent runs)")
+            m = self.measure(CANDIDATE, cand_wt, exp_dir / "screen-run", seed=OPENING_SEED, policy=screen,
+                             timeout=timeout)
+            if screen.passed:
+                m.status = "ok"  # stopped by us where the screen had seen enough: not a failure
+        row["smoke"] = asdict(m)
+        if m.ok:
+            self.ledger.add_to_journal(row["id"], asdict(m))
+            return None
+        if screen is not None and screen.last and screen.last["reject"]:
+            row["screen"] = screen.last
+            return Decision.REJECTED, failure_reason(m), None, Stage.SCREEN
+        return Decision.REJECTED, failure_reason(m), None, Stage.SMOKE
 
     def _finish(self, row: dict, exp_dir: Path, cand_wt: Path | None, decision: Decision, reason: str,
                 stage: Stage) -> dict:

@@ -379,3 +379,53 @@ def test_the_screens_reference_lead_run_or_recent_runs(repo):
     h.settings.screen.recent_runs = 0
     assert h.screen({"parent": "A", "runs": []}, first) is None
     assert h.screen({"parent": "A", "runs": [_run("incumbent", 15.0)]}, first) is not None
+
+
+@pytest.mark.parametrize("opens_with", ["incumbent", "candidate"])
+def test_the_opening_run_with_the_incumbents_recent_runs(repo, capsys, tmp_path, monkeypatch, opens_with):
+    """With the incumbent's recent runs ([screen] recent_runs, the GPU presets), no smoke run: a block that opens
+    with the incumbent gets a screen run, stopped at opening_fraction (a slow edit rejected in it, before any timed
+    run), one that opens with the candidate starts timing at once. Without them, or with opening_fraction 0: the
+    smoke run. The opening run is in the journal (seed 0), so a resume does not run it again."""
+    from agent import harness as harness_mod
+    from agent.verdict.judge import Judge, JudgeParams
+    ratchet(capsys, "baseline")
+    h = Harness(repo, settings.load(repo), "default")
+    assert h.settings.screen.recent_runs == 4 and h.settings.screen.opening_fraction == 0.5  # the defaults
+    base = ledger(repo)[0]
+    # an earlier experiment, I C C I, each run one of the baseline's again: four recent incumbent runs
+    b0, b1 = base["runs"]
+    h.ledger.append({"id": "0002", "kind": "try", "parent": h.ws.head(), "commit": "f" * 40, "time": time.time(),
+                     "decision": "rejected", "runs": [b0, {**b1, "arm": "candidate"}, {**b0, "arm": "candidate"}, b1]})
+    seed = next(s for s in range(100) if Judge(JudgeParams(), 0.0, s).order[0] == opens_with)
+    monkeypatch.setattr(harness_mod, "order_seed", lambda tag, exp_id: seed)
+
+    slow = tmp_path / "slow.txt"
+    slow.write_text(edit("SLEEP = 0.1", "SLEEP = 0.4", "sleep more"))
+    row = h.try_edit(slow.read_text())
+    assert row["decision"] == "rejected" and row["stage"] == "screen" and row["reason"].startswith("screen: projected")
+    if opens_with == "incumbent":  # in the screen run, before any timed run
+        assert row["runs"] == [] and "screen-run" in row["smoke"]["log"] and row["smoke"]["seed"] == 0
+    else:  # in the first timed run
+        assert "smoke" not in row and [r["arm"] for r in row["runs"]] == ["candidate"]
+
+    fast = edit("SLEEP = 0.1", "SLEEP = 0.01", "sleep less")
+    with pytest.raises(harness_mod.Stopped):  # a stop before the first timed run: in flight, the opening journaled
+        h.try_edit(fast, should_stop=lambda: True)
+    opened = h.ledger.journal(h.state["inflight"]["id"])
+    row = h.try_edit(fast)
+    assert row["decision"] == "accepted", row["reason"]
+    assert row["runs"][0]["arm"] == opens_with and row["runs"][0]["seed"] == 100
+    if opens_with == "incumbent":
+        smoke = row["smoke"]
+        assert smoke["status"] == "ok" and smoke["reason"].startswith("passed the screen at step 4/8")
+        assert "screen-run" in smoke["log"] and smoke["val_loss"] is None
+        assert opened == [smoke]  # measured once, before the stop
+    else:
+        assert "smoke" not in row and opened == []
+
+    h.settings.screen.opening_fraction = 0.0  # the smoke run, whatever the order
+    same = tmp_path / "same.txt"
+    same.write_text(edit("STEPS = 8", "STEPS = 8  # unchanged", "a comment"))
+    row = h.try_edit(same.read_text())
+    assert row["smoke"]["status"] == "ok" and (repo / "runs" / "default" / f"exp-{row['id']}" / "smoke").exists()

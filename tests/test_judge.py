@@ -8,7 +8,7 @@ import pytest
 from agent.bench import judge as bench_judge
 from agent.verdict.judge import (
     BLOCK, CALIBRATE, CANDIDATE, INCUMBENT, Judge, JudgeParams, NoisePrior, TimeOutcome, baseline_runs_needed, candidate_mask,
-    decide, decide_times, look_stats, noise_prior, pair_log_ratios, target_from_baseline, within_ss,
+    VAL_LOSS, decide, decide_times, look_stats, noise_prior, pair_log_ratios, target_from_baseline, within_ss,
 )
 
 TARGET = 3.30
@@ -149,9 +149,25 @@ def test_val_loss_above_target_rejects_with_both_numbers():
 
 def test_val_loss_far_above_target_rejects_early():
     params = JudgeParams()
-    verdict = run_session(Judge(params, TARGET, 6), noisy(np.random.default_rng(6), 0.25), val_loss=3.41)
+    judge = Judge(params, TARGET, 6)
+    verdict = run_session(judge, noisy(np.random.default_rng(6), 0.25), val_loss=3.41)
     assert (verdict.state, verdict.reason) == ("rejected", "val loss 3.4100 > target 3.3000")
-    assert verdict.n_pairs == params.val_reject_after
+    arms = [arm for arm, _, _ in judge.runs]  # stopped at the val_reject_after-th candidate run
+    assert arms.count(CANDIDATE) == params.val_reject_after and arms[-1] == CANDIDATE
+
+
+@pytest.mark.parametrize("opens_with", [CANDIDATE, INCUMBENT])
+def test_val_loss_far_above_target_rejects_right_after_the_candidate_run(opens_with):
+    # C I I C: rejected after run 0, its incumbent partner is not run; I C C I: after run 1
+    seed = next(s for s in range(100) if Judge(JudgeParams(val_reject_after=1), TARGET, s).order[0] == opens_with)
+    judge = Judge(JudgeParams(val_reject_after=1), TARGET, seed)
+    verdict = run_session(judge, noisy(np.random.default_rng(6), 0.25), val_loss=3.41)
+    assert (verdict.state, verdict.cause, verdict.val_loss_mean) == ("rejected", VAL_LOSS, 3.41)
+    assert [arm for arm, _, _ in judge.runs] == ([CANDIDATE] if opens_with == CANDIDATE else [INCUMBENT, CANDIDATE])
+    # within the margin nothing is decided before the pair is complete
+    close = Judge(JudgeParams(val_reject_after=1), TARGET, seed)
+    close.add(opens_with, 17.0, 3.31 if opens_with == CANDIDATE else None)
+    assert close.verdict().state == "continue"
 
 
 def test_rebuild_from_recorded_runs_gives_same_verdict():

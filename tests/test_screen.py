@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from agent.measure.runner import AbortPolicy, Progress
-from agent.verdict.screen import (IncumbentReference, ScreenMonitor, ScreenParams, log_projection, look_lines, reach_fraction,
+from agent.verdict.screen import (PASSED, IncumbentReference, ScreenMonitor, ScreenParams, log_projection, look_lines, reach_fraction,
                           screen_decide, smoothed_loss)
 
 TOTAL, LINES, SECONDS, STARTUP = 300, 30, 90.0, 5.0
@@ -198,3 +198,16 @@ def test_the_runs_abort_policy_is_asked_first():
     monitor = ScreenMonitor(reference(rng), first=AbortPolicy())
     assert monitor(Progress(10, TOTAL, float("nan"), 1.0, 6.0)) == "loss is nan at step 10"
     assert monitor.seen == []
+
+
+def test_a_screen_run_stops_at_its_fraction_unless_rejected_before():
+    rng = np.random.default_rng(12)
+    ref = reference(rng)
+    passed = ScreenMonitor(ref, until=0.5)
+    reason, step = watch(passed, fake_run(rng, speed=1.2))
+    assert passed.passed and step == TOTAL // 2 and reason.startswith(PASSED) and "150/300" in reason
+    slow = ScreenMonitor(ref, until=0.5)
+    reason, step = watch(slow, fake_run(rng, speed=0.5))
+    assert not slow.passed and reason.startswith("screen: projected") and step < TOTAL // 2
+    whole = ScreenMonitor(ref)  # until 1: a timed run is never cut
+    assert watch(whole, fake_run(rng, speed=1.2)) == (None, TOTAL) and not whole.passed

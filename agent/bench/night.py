@@ -2,30 +2,33 @@
 
     python -m agent.bench.night [--seed 0] [--trials 3000] [--null-trials 20000] [--mix ...] [--quick] [--json]
 
-Side by side for each cost model: `new` (its preset's [judge] and [screen]: the screen watches the candidate's first
-run against the lead incumbent run when the first block opens with the incumbent, I C C I, and when it opens
-with the candidate either AbortPolicy's pace rule (recent_runs = 0: the CPU presets) or the screen against the
-incumbent's last recent_runs runs; the judge has the noise prior of earlier experiments and looks after one block)
-and `today` (no screen, first look at 4 pairs, a t-test on the experiment's own pairs; runner.AbortPolicy's pace
+Side by side for each cost model: `new` (its preset's [judge] and [screen], and the harness's opening run: with
+recent_runs = 0, the CPU presets, the smoke run, then the screen on the candidate's first run against the lead
+incumbent run when the first block opens with the incumbent, I C C I, and AbortPolicy's pace rule when it opens
+with the candidate; with recent_runs R, the GPU presets, the screen against the incumbent's last R runs on a
+screen run cut at opening_fraction in front of I C C I, then on the first timed run against the lead run, and
+on the first timed run of C I I C; the judge has the noise prior of earlier experiments, looks after one block
+and rejects a val-loss miss right after the candidate run) and `today` (the smoke run, no screen, first look at
+4 pairs, a t-test on the experiment's own pairs, the val-loss rule after a whole pair; runner.AbortPolicy's pace
 rule stops a candidate projected 20% slower).
 
 What is modelled, per edit (a verdict):
-- Device time: the smoke run (start-up + 10% of the steps), every timed run at its simulated length, a
-  screened or aborted run up to the progress line that stopped it, in units of one incumbent run. Not
-  modelled: evaluation, proposing (the loop overlaps it with runs), edits that fail the guard or the smoke run.
+- Device time: the opening run (the smoke run: start-up + its --steps' share of the preset's steps; a screen run
+  up to the line that stopped it or to opening_fraction), every timed run at its simulated length, a screened or
+  aborted run up to the progress line that stopped it, in units of one incumbent run. Not modelled: evaluation,
+  proposing (the loop overlaps it with runs), edits that fail the guard or crash.
 - Run times: agent.bench.judge's noise models (every term scaled to the cost model's CV) in the judge's run order,
   with its coin flip per block; the candidate's runs x (1 - speedup). The mix and the power figures use the
   normal model; the false-accept and 2%-wins-lost figures take each of them, plus two misleading histories: the
   history's sd 1.5x too small, and a candidate arm with twice the sd of the runs the history saw.
 - Progress lines: LINES per run; start-up before the first; each interval's pace log-normal with sd
   PACE_JITTER x CV around the run's own pace, so projections are noisier early. The candidate's first run ends
-  at the time the judge sees. First-run stop (as the harness): when the judge's coin flip opens the first block
-  with the incumbent (half the trials), the screen, whose reference means are that one lead incumbent run (the
-  time the judge sees, just before the candidate's), its noise pooled within earlier groups: the current
-  incumbent's 3 earlier runs and 4 earlier commits' 4 runs each (df 14); when it opens with the candidate, the
-  pace rule against the mean of the incumbent's 3 earlier runs, or with recent_runs R the screen against the
-  incumbent's R runs before the experiment, drawn as the first R runs of the trial's noise sequence (so that
-  drift, a random walk and periodic load move the machine between the reference and the candidate).
+  at the time the judge sees. Screen references (as the harness): the one lead incumbent run (the time the judge
+  sees, just before the candidate's), its noise pooled within earlier groups: the current incumbent's 3 earlier
+  runs and 4 earlier commits' 4 runs each (df 14); or the incumbent's R runs before the experiment, drawn as the
+  first R runs of the trial's noise sequence, the screen run next, then the blocks (so that drift, a random walk
+  and periodic load move the machine between the reference and the candidate). The pace rule compares with the
+  mean of the incumbent's 3 earlier runs.
 - Losses: training loss LOSS_END + LOSS_SCALE x (fraction^-1/2 - 1), plus a seed offset (sd loss_sd) and
   batch noise per line (batch_sd); val loss: seed sd val_sd; target: the incumbent's + 2 val sd. A candidate's
   loss offset applies to both; `worse` draws it log-uniform in [3, 50] val sd, `better` is -5 val sd.
@@ -39,6 +42,7 @@ What is modelled, per edit (a verdict):
 import argparse
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -46,9 +50,10 @@ import numpy as np
 from agent import settings
 from agent.bench.judge import NOISE_MODELS, Noise
 from agent.verdict.judge import (JudgeParams, NoisePrior, TimeOutcome, beats, candidate_mask, decide,
-                                 pair_log_ratios, within_ss)
+                                 far_above_target, pair_log_ratios, within_ss)
 from agent.verdict.screen import (IncumbentReference, ScreenParams, log_projection, look_lines, screen_decide,
                           smoothed_loss)
+from nanomodel.config import get_config
 
 NIGHT_S = 12 * 3600.0
 LINES = 40              # progress lines per run
@@ -58,7 +63,6 @@ PACE_JITTER = 2.0       # sd of one line interval's log pace, in units of the ru
 TODAY_PACE_SLACK = 0.2  # today's AbortPolicy: stop a candidate projected this much slower...
 TODAY_FROM = 0.15       # ...from this fraction of the run (settings.Abort)
 LOSS_END, LOSS_SCALE = 3.3, 1.5  # the incumbent's training-loss curve (nats)
-SMOKE_FRACTION = 0.1    # the smoke run: start-up + this fraction of the steps
 DEFAULT_MIX = "worse=0.25,same=0.35,slower6=0.15,slower30=0.05,faster2=0.10,faster5=0.07,faster15=0.03"
 STAGES = ("screen", "judge", "calibration")
 
@@ -100,6 +104,13 @@ class Procedure:
     judge: JudgeParams
     screen: ScreenParams | None  # None: today's AbortPolicy pace rule instead
     prior: bool                  # the judge gets the noise prior
+
+
+def smoke_fraction(cm: CostModel) -> float:
+    """The smoke run's share of the steps: its smoke_args' --steps over the preset's named config's steps."""
+    s = settings.preset(cm.preset)
+    steps = re.search(r"--steps\s+(\d+)", s.train.smoke_args)
+    return int(steps.group(1)) / get_config(s.train.config).steps if steps else 1.0
 
 
 def procedures(cm: CostModel) -> tuple[Procedure, Procedure]:
@@ -150,6 +161,33 @@ def loss_lines(offset: np.ndarray, cm: CostModel, rng: np.random.Generator) -> n
     return LOSS_END + LOSS_SCALE * (f ** -0.5 - 1) + offset[..., None] + seed + batch
 
 
+def earlier_runs(trials: int, cm: CostModel, rng: np.random.Generator) -> list[tuple]:
+    """The incumbents' earlier runs (EARLIER: the current one's, then earlier commits'), noise only: per group
+    (seconds [trials, n], walls and losses [trials, n, LINES])."""
+    groups = []
+    for n in EARLIER:
+        s = cm.run_s * np.exp(rng.normal(0.0, cm.cv, (trials, n)))
+        groups.append((s, run_lines(s, cm, rng), loss_lines(np.zeros(s.shape), cm, rng)))
+    return groups
+
+
+def screen_stops(wall: np.ndarray, loss: np.ndarray, ref_seconds: np.ndarray, noise_groups: tuple, cm: CostModel,
+                 proc: Procedure, rng: np.random.Generator) -> np.ndarray:
+    """The screen's looks on candidate runs (walls, smoothed losses [trials, LINES]) against reference runs
+    [trials, R], the noise pooled with `noise_groups` -> whether it stops the run at each line [trials, LINES]."""
+    f = np.arange(1, LINES + 1) / LINES
+    ref = IncumbentReference.from_arrays(f, LINES, run_lines(ref_seconds, cm, rng),
+                                         loss_lines(np.zeros(ref_seconds.shape), cm, rng), ref_seconds, noise_groups)
+    projected = log_projection(f, wall, ScreenParams.pace_window)
+    return screen_decide(f, projected - ref.log_proj, ref.log_proj_sd, loss, ref.loss, ref.loss_sd, ref.runs, ref.df,
+                         f, ref.loss[:, None, :], ref.train_share, proc.screen).reject & look_lines(f, proc.screen.look_every)
+
+
+def stop_cost(stop: np.ndarray, wall: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Stops at each line and the run's walls [trials, LINES] -> (stopped, seconds run) [trials]."""
+    return stop.any(axis=-1), np.take_along_axis(wall, stop.argmax(axis=-1)[:, None], -1)[:, 0]
+
+
 def first_run_stop(seconds: np.ndarray, is_candidate: np.ndarray, offset: np.ndarray, cm: CostModel,
                    proc: Procedure, rng: np.random.Generator, recent: np.ndarray | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
@@ -159,33 +197,33 @@ def first_run_stop(seconds: np.ndarray, is_candidate: np.ndarray, offset: np.nda
     screen against `recent` [trials, R] (the incumbent's last R runs before this experiment) when given."""
     f = np.arange(1, LINES + 1) / LINES
     trials = len(seconds)
-
-    def incumbent_runs(n):
-        s = cm.run_s * np.exp(rng.normal(0.0, cm.cv, (trials, n)))
-        return s, run_lines(s, cm, rng), loss_lines(np.zeros(s.shape), cm, rng)
-
-    earlier = [incumbent_runs(n) for n in EARLIER]
+    earlier = earlier_runs(trials, cm, rng)
     wall = run_lines(seconds[np.arange(trials), is_candidate.argmax(axis=-1)], cm, rng)
-    projected = log_projection(f, wall, ScreenParams.pace_window)
     loss = smoothed_loss(loss_lines(offset, cm, rng))
     # AbortPolicy: against the incumbent's measured time (the mean of its earlier runs), every line from TODAY_FROM
+    projected = log_projection(f, wall, ScreenParams.pace_window)
     stop = (f >= TODAY_FROM) & (projected > np.log(earlier[0][0].mean(axis=-1) * (1 + TODAY_PACE_SLACK))[:, None])
-
-    def screened(ref_seconds, noise_groups):
-        ref = IncumbentReference.from_arrays(f, LINES, run_lines(ref_seconds, cm, rng),
-                                             loss_lines(np.zeros(ref_seconds.shape), cm, rng), ref_seconds,
-                                             noise_groups)
-        return screen_decide(f, projected - ref.log_proj, ref.log_proj_sd, loss, ref.loss, ref.loss_sd, ref.runs,
-                             ref.df, f, ref.loss[:, None, :], ref.train_share,
-                             proc.screen).reject & look_lines(f, proc.screen.look_every)
-
     if proc.screen is not None:
         lead_first = ~is_candidate[:, :1]
         if recent is not None and recent.shape[1]:  # the recent runs are the current incumbent's group
-            stop = screened(recent, tuple(e[1:] for e in earlier[1:]))
-        stop = np.where(lead_first, screened(seconds[:, :1], tuple(e[1:] for e in earlier)), stop)
-    stopped = stop.any(axis=-1)
-    return stopped, np.take_along_axis(wall, stop.argmax(axis=-1)[:, None], -1)[:, 0]
+            stop = screen_stops(wall, loss, recent, tuple(e[1:] for e in earlier[1:]), cm, proc, rng)
+        stop = np.where(lead_first, screen_stops(wall, loss, seconds[:, :1], tuple(e[1:] for e in earlier), cm, proc,
+                                                 rng), stop)
+    return stop_cost(stop, wall)
+
+
+def screen_run_stop(seconds: np.ndarray, offset: np.ndarray, recent: np.ndarray, cm: CostModel, proc: Procedure,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The screen run in front of a block that opens with the incumbent: the candidate's run times [trials] under
+    the screen against `recent` [trials, R], cut at [screen] opening_fraction -> (stopped, seconds run) [trials]."""
+    f = np.arange(1, LINES + 1) / LINES
+    wall = run_lines(seconds, cm, rng)
+    loss = smoothed_loss(loss_lines(offset, cm, rng))
+    earlier = earlier_runs(len(seconds), cm, rng)[1:]
+    last = int(np.argmax(f >= proc.screen.opening_fraction - 1e-9))  # the line it passes at (looks come first)
+    stop = screen_stops(wall, loss, recent, tuple(e[1:] for e in earlier), cm, proc, rng) & (np.arange(LINES) <= last)
+    stopped, partial = stop_cost(stop, wall)
+    return stopped, np.where(stopped, partial, wall[:, last])
 
 
 def simulate(kind: Kind, trials: int, cm: CostModel, proc: Procedure, rng: np.random.Generator,
@@ -195,13 +233,15 @@ def simulate(kind: Kind, trials: int, cm: CostModel, proc: Procedure, rng: np.ra
     noise = noise or noise_models(cm.cv)[0][0]
     p = proc.judge
     is_candidate = candidate_mask(rng.random((trials, p.max_pairs // 2)) < 0.5)
-    # the incumbent's last runs before the experiment, from the same noise (its drift runs on into the experiment)
+    # the incumbent's last runs before the experiment, the screen run, then the blocks: one noise sequence (its
+    # drift runs on from the reference runs into the experiment)
     recent_runs = proc.screen.recent_runs if proc.screen is not None and not judge_only else 0
-    log_s = noise.log_factors(rng, (trials, recent_runs + is_candidate.shape[1]))
-    recent, log_s = cm.run_s * np.exp(log_s[:, :recent_runs]), log_s[:, recent_runs:]
-    log_s += is_candidate * math.log1p(-kind.speedup)
-    log_s += is_candidate * rng.normal(0.0, noise.cv * math.sqrt(candidate_sd ** 2 - 1), is_candidate.shape)
-    seconds = cm.run_s * np.exp(log_s)
+    log_s = noise.log_factors(rng, (trials, recent_runs + 1 + is_candidate.shape[1]))
+    is_run_candidate = np.concatenate([np.ones((trials, 1), bool), is_candidate], axis=-1)
+    log_s[:, recent_runs:] += is_run_candidate * math.log1p(-kind.speedup)
+    log_s[:, recent_runs:] += is_run_candidate * rng.normal(0.0, noise.cv * math.sqrt(candidate_sd ** 2 - 1),
+                                                           is_run_candidate.shape)
+    recent, screen_run, seconds = np.split(cm.run_s * np.exp(log_s), [recent_runs, recent_runs + 1], axis=-1)
     sds = np.exp(rng.uniform(np.log(3), np.log(50), trials)) if kind.worse else np.full(trials, kind.loss_sds)
     loss = cm.val_sd * sds
     val = loss[:, None] + rng.normal(0.0, cm.val_sd, (trials, p.max_pairs))  # the incumbent's mean val loss is 0
@@ -210,12 +250,26 @@ def simulate(kind: Kind, trials: int, cm: CostModel, proc: Procedure, rng: np.ra
     ratios = pair_log_ratios(seconds, is_candidate)
     outcome, val_rejected, n_pairs = decide(ratios, val, target, p, prior)
     accepted = (outcome == TimeOutcome.FASTER) & ~val_rejected
-    smoke = cm.startup_s + SMOKE_FRACTION * (cm.run_s - cm.startup_s)
     ran = np.cumsum(seconds, axis=-1)
-    cost = smoke + np.take_along_axis(ran, 2 * n_pairs[:, None] - 1, -1)[:, 0]
+    timed = np.take_along_axis(ran, 2 * n_pairs[:, None] - 1, -1)[:, 0]
+    if proc.screen is not None:  # the judge rejects right after the candidate run that misses (`today`: its pair)
+        kth = np.argmax(np.cumsum(is_candidate, axis=-1) >= p.val_reject_after, axis=-1)
+        early = val_rejected & far_above_target(val, target, p)
+        timed = np.where(early, np.take_along_axis(ran, kth[:, None], -1)[:, 0], timed)
+    smoke = cm.startup_s + smoke_fraction(cm) * (cm.run_s - cm.startup_s)
     stage = np.full(trials, STAGES.index("judge"))
     if judge_only:
-        return {"accepted": accepted, "stage": stage, "cost": cost}
+        return {"accepted": accepted, "stage": stage, "cost": smoke + timed}
+
+    # the opening run (harness.opening): with recent runs, none before C I I C and a screen run before I C C I
+    lead_first = ~is_candidate[:, 0]
+    screening_opening = proc.screen is not None and recent_runs > 0 and proc.screen.opening_fraction > 0
+    opening, opening_stopped = np.full(trials, smoke), np.zeros(trials, bool)
+    if screening_opening:
+        opening_stopped, opening_cost = screen_run_stop(screen_run[:, 0], loss, recent, cm, proc, rng)
+        opening_stopped &= lead_first
+        opening = np.where(lead_first, opening_cost, 0.0)
+    cost = opening + timed
 
     if kind.loss_sds < 0 and trials:  # calibration: the harness stops at the first look, or plans after a rejection
         first = p.looks_for(prior is not None)[0]
@@ -227,16 +281,18 @@ def simulate(kind: Kind, trials: int, cm: CostModel, proc: Procedure, rng: np.ra
                                                          cm.val_sd) for i, k in enumerate(n)])
         variant = simulate(CALIBRATED, int(calibrate.sum()), cm, proc, rng, noise, history_sd, candidate_sd)
         accepted[calibrate] = variant["accepted"]
-        cost[calibrate] = smoke + ran[calibrate, 2 * n[calibrate] - 1] + variant["cost"]
+        cost[calibrate] = opening[calibrate] + ran[calibrate, 2 * n[calibrate] - 1] + variant["cost"]
         stage[calibrate] = STAGES.index("calibration")
 
-    lead = np.where(is_candidate[:, 0], 0.0, seconds[:, 0])  # the incumbent run before the candidate's first
+    lead = np.where(lead_first, seconds[:, 0], 0.0)  # the incumbent run before the candidate's first
     stopped, partial = first_run_stop(seconds, is_candidate, loss, cm, proc, rng, recent)
+    stopped &= ~opening_stopped
+    cost = np.where(stopped, opening + lead + partial, np.where(opening_stopped, opening, cost))
+    stopped |= opening_stopped
     accepted &= ~stopped
-    cost = np.where(stopped, smoke + lead + partial, cost)
     stage = np.where(stopped, STAGES.index("screen"), stage)
-    return {"accepted": accepted, "stage": stage, "cost": cost, "lead": np.where(stopped, lead, 0.0),
-            "incumbent_first": ~is_candidate[:, 0]}
+    return {"accepted": accepted, "stage": stage, "cost": cost, "lead": np.where(stopped & ~opening_stopped, lead, 0.0),
+            "incumbent_first": lead_first}
 
 
 def parse_mix(text: str) -> dict[str, float]:

@@ -32,7 +32,8 @@ Design, and why:
   min_speedup: the data already rule out a speedup worth having.
 - Val loss. Accept needs the candidate's mean val loss over the judged pairs <= target. Early rejection:
   when the first val_reject_after candidate runs all exceed target by more than val_reject_margin (a quality
-  loss far beyond seed noise), the edit is rejected without waiting for the timing test.
+  loss far beyond seed noise), the edit is rejected without waiting for the timing test, or for the partner
+  of the last of those runs (a block that opens C I rejects after its first run).
 
 With a noise prior (`Judge(..., prior=noise_prior(earlier experiments))`), and why:
 - What is known. Every pair of every earlier experiment measured the spread of d on this machine. Pooled within
@@ -281,6 +282,14 @@ def decide_times(log_ratios: np.ndarray, params: JudgeParams,
     return outcome, n_pairs
 
 
+def far_above_target(val_losses: np.ndarray, target, params: JudgeParams) -> np.ndarray:
+    """The early val-loss rule: the candidate's val losses in run order [trials, runs], target [trials] or a number
+    -> whether its first val_reject_after runs all exceed target by more than val_reject_margin [trials]."""
+    k = params.val_reject_after
+    val = np.asarray(val_losses, dtype=float)
+    return (val.shape[-1] >= k) & np.all(val[..., :k] > np.asarray(target)[..., None] + params.val_reject_margin, axis=-1)
+
+
 def decide(log_ratios: np.ndarray, val_losses: np.ndarray, target, params: JudgeParams,
            prior: NoisePrior | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The whole verdict, vectorised: the timing test, then the val-loss conditions.
@@ -292,7 +301,7 @@ def decide(log_ratios: np.ndarray, val_losses: np.ndarray, target, params: Judge
     outcome, n_pairs = decide_times(log_ratios, params, prior)
     val = np.asarray(val_losses, dtype=float)
     k = params.val_reject_after
-    early = (n_pairs >= k) & np.all(val[:, :k] > np.asarray(target)[..., None] + params.val_reject_margin, axis=-1)
+    early = (n_pairs >= k) & far_above_target(val, target, params)
     if val.shape[-1]:
         mean_at = np.cumsum(val, axis=-1) / np.arange(1, val.shape[-1] + 1)
     else:
@@ -423,6 +432,10 @@ class Judge:
     def verdict(self) -> Verdict:
         p = self.params
         available = len(self.runs) // 2  # an unpaired last run waits for its partner
+        first_vals = [v for arm, _, v in self.runs if arm == CANDIDATE][:p.val_reject_after]
+        if far_above_target(np.array([first_vals]), self.target_val_loss, p)[0]:
+            # decide's early rule, without waiting for the partner of the last of those runs
+            return self._val_rejection(replace(self._summary(available), val_loss_mean=float(np.mean(first_vals))))
         runs = self.runs[:2 * available]
         val_losses = np.array([[v for arm, _, v in runs if arm == CANDIDATE]], dtype=float).reshape(1, available)
         outcome, val_rejected, n = decide(self._log_ratios(available)[None, :], val_losses, self.target_val_loss, p,

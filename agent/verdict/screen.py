@@ -1,5 +1,6 @@
-"""The screen: watches a candidate's first timed run against what is known of the incumbent and stops it as soon
-as it cannot win. It only ever rejects.
+"""The screen: watches a candidate's first timed run (or, in front of a block that opens with the incumbent, its
+untimed screen run, cut at `until`) against what is known of the incumbent and stops it as soon as it cannot win.
+It only ever rejects.
 
 Pure logic apart from the monitor's bookkeeping. The harness builds an `IncumbentReference` from the experiment's
 lead incumbent run when its first block opens with the incumbent (measured just before, on the same machine), else
@@ -7,7 +8,8 @@ from the incumbent's last `recent_runs` runs (0 on the CPU presets: a reference 
 night reads a change of the machine's load as the candidate's pace; measured: a no-op and an 8% win stopped while
 another process loaded our 2 cores), with every earlier run for the noise, and passes a `ScreenMonitor` as the
 candidate's first run's monitor (`run_training(monitor=...)`, with the NaN rule as `first`); `monitor.last` holds
-the numbers of its last look.
+the numbers of its last look. A screen run (harness.opening, against the recent runs) stops at `until` with
+PASSED when no look rejected it: what it is for, stopping what cannot win, is done by then, at part of a run.
 
 Design, and why:
 - What it compares. Each progress line gives a projected run time, wall + (1 - fraction) x recent pace (the
@@ -60,6 +62,7 @@ from scipy import stats
 from agent.measure.runner import LOSS_LINES, Progress
 
 SCREEN_REASON = "screen:"  # how a screened run's reason starts
+PASSED = "passed the screen"  # how a screen run stopped at its `until` fraction says so (not a rejection)
 
 
 @dataclass
@@ -74,6 +77,8 @@ class ScreenParams:
     min_df: int = 2                 # degrees of freedom of the noise (pooled incumbent runs) before the screen decides
     recent_runs: int = 4            # a block opening with the candidate: the incumbent's last this many runs are the
                                     # reference (0: the screen waits for a block that opens with the incumbent)
+    opening_fraction: float = 0.5   # a block opening with the incumbent: the candidate's untimed screen run in front of
+                                    # it (against those recent runs) stops here unless rejected before (0: a smoke run)
 
     def __post_init__(self):
         checks = [
@@ -82,6 +87,7 @@ class ScreenParams:
             ("loss_min_fraction", 0 <= self.loss_min_fraction <= 1), ("pace_window", 0 < self.pace_window <= 1),
             ("look_every", 0 < self.look_every <= 1),
             ("min_df", self.min_df >= 1), ("recent_runs", self.recent_runs >= 0),
+            ("opening_fraction", 0 <= self.opening_fraction <= 1),
         ]
         for name, ok in checks:
             if not ok:
@@ -243,8 +249,10 @@ class ScreenMonitor:
     reference: IncumbentReference
     params: ScreenParams = field(default_factory=ScreenParams)
     first: Callable[[Progress], str | None] | None = None  # asked first on every line (the run's AbortPolicy)
+    until: float = 1.0  # a screen run: stop it (PASSED) at the first line at or past this fraction of its steps
     seen: list[Progress] = field(default_factory=list, init=False, repr=False)
     last: dict | None = field(default=None, init=False)  # the numbers of the latest look
+    passed: bool = field(default=False, init=False)  # stopped at `until` without a rejection
 
     def __call__(self, p: Progress) -> str | None:
         if self.first is not None and (reason := self.first(p)):
@@ -255,7 +263,7 @@ class ScreenMonitor:
         ref, f = self.reference, p.step / p.total
         fractions = np.array([q.step / q.total for q in self.seen])
         if len(self.seen) < 2 or f < self.params.min_fraction or not look_lines(fractions, self.params.look_every)[-1]:
-            return None
+            return self._passed(p)
         proj = log_projection(fractions, np.array([q.wall for q in self.seen]), self.params.pace_window)[-1]
         same_length = p.total == ref.total and len(self.seen) >= LOSS_LINES
         loss = math.nan  # another length: pace only
@@ -278,7 +286,7 @@ class ScreenMonitor:
             "best_case_s": seconds * math.exp(float(d.bound)),
         }
         if not d.reject:
-            return None
+            return self._passed(p)
         n = self.last
         why = (f"{SCREEN_REASON} projected {n['projected_s']:.1f}s (optimistic {n['optimistic_s']:.1f}s) vs incumbent "
                f"{seconds:.1f}s, a win needs < {n['needed_s']:.1f}s")
@@ -287,3 +295,8 @@ class ScreenMonitor:
                     f"{n['steps_factor']:.2f}x the steps: best case {n['best_case_s']:.1f}s")
         return f"{why} (step {p.step}/{p.total})"
 
+    def _passed(self, p: Progress) -> str | None:
+        if p.total > 0 and p.step / p.total >= self.until and p.step < p.total:
+            self.passed = True
+            return f"{PASSED} at step {p.step}/{p.total} (a screen run stops at {self.until:.0%})"
+        return None
