@@ -1,5 +1,5 @@
 """The baseline: the incumbent measured on its own, [judge] baseline_runs times at most (fewer where the noise
-allows, `judge.baseline_runs_needed`), which pins the val-loss target, the protected files' hashes and the dataset
+allows, `target.baseline_runs_needed`), which pins the val-loss target, the protected files' hashes and the dataset
 for the whole tag. A resumed baseline keeps the runs it finished (its journal) and the data they were measured with.
 """
 import time
@@ -10,7 +10,8 @@ from agent.harness import Harness, HarnessError, Stopped
 from agent.measure.devices import Measurement
 from agent.measure.runner import AbortPolicy
 from agent.records.types import Arm, Decision
-from agent.verdict.judge import INCUMBENT, baseline_runs_needed, target_from_baseline
+from agent.verdict.judge import INCUMBENT
+from agent.verdict.target import baseline_runs_needed, target_from_baseline
 
 
 def measure_baseline(h: Harness, force: bool = False, should_stop=lambda: False) -> dict:

@@ -86,7 +86,7 @@ class Harness:
     # what the loop's proposer thread is offered (agent/proposer_services.py)
     def context(self, head: str, pending: list[dict] = (), night=None):
         """What a proposer sees (ProposerServices.context); `night`: the loop's budgets (evidence.Night)."""
-        return self.services.context(head, pending, self.judge_params(), self.noise_prior(), night)
+        return self.services.context(head, pending, self.judge_params(), self.settings.judge.use_history, night)
 
     def profile_incumbent(self):
         """The incumbent's profile for proposers, made now if missing (after the baseline, after an accept)."""

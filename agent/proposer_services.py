@@ -28,7 +28,8 @@ from agent.propose.rules import hardware_summary, rules_text
 from agent.records.ledger import Ledger
 from agent.records.types import Arm
 from agent.settings import Settings
-from agent.verdict.judge import CANDIDATE, JudgeParams, NoisePrior
+from agent.verdict.history import noise_prior
+from agent.verdict.judge import CANDIDATE, JudgeParams
 
 
 EXPERIMENT_KINDS = ("try", "run", "calibrate")  # ledger rows the model sees (not baseline or replay rows)
@@ -77,9 +78,10 @@ class ProposerServices:
         return path
 
     def context(self, head: str, pending: list[dict] = (), params: JudgeParams | None = None,
-                prior: NoisePrior | None = None, night: Night | None = None) -> Context:
-        """What a proposer sees: editable files, the incumbent's numbers and the evidence on them (`params`, `prior`:
-        the judge's, for what it can detect; `night`: the loop's budgets), the hardware, the rules, the history, known
+                use_history: bool = True, night: Night | None = None) -> Context:
+        """What a proposer sees: editable files, the incumbent's numbers and the evidence on them (`params` and, with
+        `use_history`, the noise prior: the judge's, for what it can detect; `night`: the loop's budgets), the
+        hardware, the rules, the history, known
         ideas, its notes, and `pending`: proposals queued or training now ({"key", "hypothesis"}), not in the
         history yet."""
         s = self.settings
@@ -98,6 +100,7 @@ class ProposerServices:
         rows = self.ledger.rows()
         found = {}
         if "incumbent" in state and params is not None:
+            prior = noise_prior(rows) if use_history else None
             found = evidence(rows, state, params, prior, self.devices.nproc, night)
             if profile := self.incumbent_profile(head, run=False):
                 found = {**found, PROFILE: profile.text}

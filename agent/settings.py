@@ -62,7 +62,7 @@ class Judge:
     min_pairs: int = 4               # interleaved pairs before the first look (even: looks follow whole I C C I / C I I C blocks)
     max_pairs: int = 10              # cap on runs per arm (even)
     baseline_runs: int = 5           # most runs of the incumbent for `ratchet baseline`; it stops at 2 or more once the
-                                     # noise measured so far allows (agent/verdict/judge.py baseline_runs_needed)
+                                     # noise measured so far allows (agent/verdict/target.py baseline_runs_needed)
     val_reject_after: int = 1        # reject at once when the first this many candidate runs all miss the target...
     val_reject_margin: float = 0.02  # ...by more than this (nats): a quality loss far beyond seed noise
     use_history: bool = True         # judge with the run-time noise that earlier experiments of this tag measured (a noise

@@ -7,9 +7,10 @@ import pytest
 
 from agent.bench import judge as bench_judge
 from agent.verdict.judge import (
-    BLOCK, CALIBRATE, CANDIDATE, INCUMBENT, Judge, JudgeParams, NoisePrior, TimeOutcome, baseline_runs_needed, candidate_mask,
-    VAL_LOSS, decide, decide_times, look_stats, noise_prior, pair_log_ratios, target_from_baseline, within_ss,
+    BLOCK, CALIBRATE, CANDIDATE, INCUMBENT, Judge, JudgeParams, NoisePrior, TimeOutcome, candidate_mask,
+    VAL_LOSS, decide, decide_times, look_stats, noise_prior, pair_log_ratios, within_ss,
 )
+from agent.verdict.target import baseline_runs_needed, target_from_baseline
 
 TARGET = 3.30
 
