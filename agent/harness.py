@@ -1,4 +1,4 @@
-"""One experiment, end to end: edit -> worktree -> guard -> opening run -> timed runs + evaluator -> judge -> git + ledger.
+"""One experiment, end to end: edit -> worktree -> guard -> opening -> timed runs + evaluator -> judge -> git + ledger.
 
 Trust boundaries, in the order an edit crosses them:
   1. integrity.path_violation: the edit may touch only editable, unprotected paths (before anything runs)

@@ -179,8 +179,9 @@ def screen_stops(wall: np.ndarray, loss: np.ndarray, ref_seconds: np.ndarray, no
     ref = IncumbentReference.from_arrays(f, LINES, run_lines(ref_seconds, cm, rng),
                                          loss_lines(np.zeros(ref_seconds.shape), cm, rng), ref_seconds, noise_groups)
     projected = log_projection(f, wall, ScreenParams.pace_window)
-    return screen_decide(f, projected - ref.log_proj, ref.log_proj_sd, loss, ref.loss, ref.loss_sd, ref.runs, ref.df,
-                         f, ref.loss[:, None, :], ref.train_share, proc.screen).reject & look_lines(f, proc.screen.look_every)
+    decision = screen_decide(f, projected - ref.log_proj, ref.log_proj_sd, loss, ref.loss, ref.loss_sd, ref.runs,
+                             ref.df, f, ref.loss[:, None, :], ref.train_share, proc.screen)
+    return decision.reject & look_lines(f, proc.screen.look_every)
 
 
 def stop_cost(stop: np.ndarray, wall: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

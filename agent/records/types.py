@@ -20,8 +20,8 @@ class Stage(StrEnum):
     EDIT = "edit"      # malformed, does not apply, no change, a duplicate
     GUARD = "guard"    # a protected or non-editable path; a protected file changed in the worktree
     POLICY = "policy"  # the static policy rejected a pattern
-    SMOKE = "smoke"    # the smoke run or the causality probe on its weights failed
-    SCREEN = "screen"  # the screen stopped the first timed run
+    SMOKE = "smoke"    # the opening run (smoke or screen run) failed, or the probe on the smoke run's weights
+    SCREEN = "screen"  # the screen stopped the screen run or the first timed run
     RUN = "run"        # a timed candidate run failed (crash, timeout, abort, evaluation)
     JUDGE = "judge"    # the sequential test (or the calibration stop at its first look)
 
