@@ -261,8 +261,8 @@ PRESETS = {
                       length=dict(pattern=r'"gpt2-124m": Config\([^)]*?steps=(\d+)')),
     # GPT-2 small, 262M tokens: an estimated 5 minutes a run on 8xH100, 2M val tokens; beat the baseline's own loss.
     # Sized for verdicts per night (`ratchet bench night`, docs/judge.md): the screen's per-look alpha 0.01 (at CV
-    # 0.3% it stops most edits that change nothing within their first run), a val-loss miss of 0.01 nats (an
-    # estimated 2-3 seed sd) rejected after one run, at most 6 pairs and conditional power 0.3 (a 2% win at CV 1%
+    # 0.3% it stops most edits that change nothing within their first run), a val-loss miss of 0.01 nats (2.5 seed
+    # sd at the bench's 0.004, 7 at the speedrun's ~0.0015) rejected after one run, at most 6 pairs and conditional power 0.3 (a 2% win at CV 1%
     # is accepted 17% of the time, 40% with 10 pairs, at a third more runs per verdict)
     "gpt2-research": dict(train=dict(config="gpt2-research", data="~/.cache/ratchet/data/fineweb",
                                      first_timeout=3600.0, smoke_args="--steps 3 --log_every 1 --batch_size 16"),
