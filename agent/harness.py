@@ -242,9 +242,12 @@ class Harness:
         prior = self.noise_prior()
         row["prior"] = None if prior is None else {"var": prior.var, "df": prior.df}
         judge = Judge(self.judge_params(), target, row["order_seed"], prior, learns_better_noise=calibrate_noise)
-        opened = done.pop(0) if done and done[0]["seed"] == OPENING_SEED else None
-        rejected = self.opening(judge.order[0], cand_wt, exp_dir, row, inc_seconds, opened)
-        if rejected:
+        if done and done[0]["seed"] == OPENING_SEED:  # a resume: the opening run was measured before
+            row["smoke"] = done.pop(0)
+            self.events.stage(f"resuming: the opening run and {len(done)} timed runs were measured before")
+        elif done:  # a resume of an experiment that had no opening run (C I I C on a GPU preset)
+            self.events.stage(f"resuming: {len(done)} timed runs were measured before")
+        elif rejected := self.opening(judge.order[0], cand_wt, exp_dir, row, inc_seconds):
             return rejected
         inc_curve = incumbent["curve"]
         for entry in done:
@@ -294,8 +297,7 @@ class Harness:
             judge.add(arm, m.seconds, m.val_loss)
         return Decision(verdict.state), verdict.reason, asdict(verdict), Stage.JUDGE
 
-    def opening(self, first_arm: str, cand_wt: Path, exp_dir: Path, row: dict, inc_seconds: float,
-                opened: dict | None) -> tuple | None:
+    def opening(self, first_arm: str, cand_wt: Path, exp_dir: Path, row: dict, inc_seconds: float) -> tuple | None:
         """The candidate's untimed run in front of the first block, which catches a crash before it costs timed runs.
         When the screen has the incumbent's recent runs ([screen] recent_runs, the GPU presets) and opening_fraction
         is above 0:
@@ -305,11 +307,7 @@ class Harness:
           runs, stopped at opening_fraction of its steps. A candidate that cannot win then costs part of a run,
           not the lead incumbent run and a candidate run.
         Otherwise (the CPU presets): the smoke run, a few steps and the causality probe.
-        -> a rejection (decision, reason, None, stage), or None to go on. `opened`: its journal entry (a resume)."""
-        if opened is not None:
-            self.events.stage("resuming: the opening run was measured before")
-            row["smoke"] = opened
-            return None
+        -> a rejection (decision, reason, None, stage), or None to go on. It is journaled with seed OPENING_SEED."""
         fraction = self.settings.screen.opening_fraction
         screen = self.screen(row, first=AbortPolicy(), until=fraction) if fraction > 0 else None
         if screen is not None and first_arm == CANDIDATE:
