@@ -79,6 +79,11 @@ QUALITY = ('LOSS = 5.0\nCRASH = False\nWEIGHTS = "fake_weights.pt"',
            'LOSS = 4.0\nCRASH = False\nWEIGHTS = "fake_trained.pt"', "train for real")
 
 
+# how a judged edit that cannot win ends: the judge's verdicts, or the screen stopping its run early (a no-op's
+# per-step times sit on the incumbent's, so on a noisy machine either may come first)
+NO_WIN = ("not significant", "slower", "speedup", "screen: projected")
+
+
 def edit(old: str, new: str, hypothesis: str, path: str = "nanomodel/fake_train.py") -> str:
     return f"HYPOTHESIS: {hypothesis}\nRATIONALE: test edit\n\n{path}\n<<<<<<< SEARCH\n{old}\n=======\n{new}\n>>>>>>> REPLACE\n"
 
