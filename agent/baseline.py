@@ -5,8 +5,9 @@ for the whole tag. A resumed baseline keeps the runs it finished (its journal) a
 import time
 from dataclasses import asdict
 
+from agent.comparison import HarnessError, Stopped
 from agent.guard import integrity
-from agent.harness import Harness, HarnessError, Stopped
+from agent.harness import Harness
 from agent.measure.devices import Measurement
 from agent.measure.runner import AbortPolicy
 from agent.records.types import Arm, Decision

@@ -9,7 +9,8 @@ Trust boundaries, in the order an edit crosses them:
   5. runner.run_training: the training process is timed from outside, as a whole process group
   6. evaluate.evaluate: val loss and the causality probe come from a separate process that owns the val data
   7. judge.Judge: interleaved runs and a one-sided test decide; a failed run is a rejection with its reason, never a number
-The harness composes the stages: the devices (agent/measure/devices.py) launch runs, the records
+The harness composes the stages: the comparison (agent/comparison.py) runs the opening run and the timed runs
+until the judge decides, the devices (agent/measure/devices.py) launch runs, the records
 (agent/records/experiments.py) say what is in flight and land decisions crash-safely, the proposer services
 (agent/proposer_services.py) serve the loop's proposer thread. Built on it: an edit and its calibrated variants
 (agent/experiment.py), the baseline (agent/baseline.py), replay (agent/replay.py).
@@ -19,32 +20,22 @@ from dataclasses import asdict
 from pathlib import Path
 
 from agent import settings as settings_mod
+from agent.comparison import Comparison, HarnessError
 from agent.edit.apply import apply_edit
 from agent.edit.fingerprint import tree_fingerprint
 from agent.edit.parse import EditError, parse_edit
 from agent.edit.workspace import Workspace
 from agent.guard import integrity, policy
-from agent.measure.devices import Devices, Measurement, failure_reason
-from agent.measure.runner import AbortPolicy, Progress
+from agent.measure.devices import Devices, Measurement
+from agent.measure.runner import AbortPolicy
 from agent.proposer_services import ProposerServices
-from agent.records.experiments import Experiments, TagBusy, experiment_key, order_seed
+from agent.records.experiments import Experiments, TagBusy, experiment_key
 from agent.records.ledger import Ledger
-from agent.records.types import Arm, Decision, Stage
+from agent.records.types import Decision, Stage
 from agent.settings import Settings
 from agent.verdict import calibrate, history
-from agent.verdict.judge import CANDIDATE, INCUMBENT, Judge, JudgeParams, NoisePrior
+from agent.verdict.judge import JudgeParams, NoisePrior
 from agent.verdict.screen import ScreenMonitor
-
-
-OPENING_SEED = 0  # the opening run's seed, which marks it in an experiment's journal (timed runs: 100 + pair)
-
-
-class HarnessError(RuntimeError):
-    """A broken setup (not a verdict on an edit): no baseline, the incumbent itself fails, data missing."""
-
-
-class Stopped(Exception):
-    """A clean stop was requested between two runs; the unfinished experiment resumes with the runs it finished."""
 
 
 class Events:
@@ -216,8 +207,9 @@ class Harness:
                 return self._finish(row, exp_dir, cand_wt, "rejected",
                                     "policy: " + policy.format_findings(policy.rejecting(findings)), Stage.POLICY)
             inc_wt = self.ws.add_worktree("incumbent", parent)
-            decision, reason, verdict, stage = self.judge_runs(cand_wt, inc_wt, exp_dir, row, state["incumbent"],
-                                                           state["baseline"]["target"], calibrate_noise, done)
+            comparison = Comparison(self, cand_wt, inc_wt, exp_dir, row, state["incumbent"], state["baseline"]["target"],
+                                    calibrate_noise)
+            decision, reason, verdict, stage = comparison.run(done)
             row["verdict"] = verdict
             return self._finish(row, exp_dir, cand_wt, decision, reason, stage)
         except integrity.IntegrityError as e:
@@ -227,117 +219,9 @@ class Harness:
                 if wt is not None:
                     self.ws.remove_worktree(wt)
 
-    def judge_runs(self, cand_wt: Path, inc_wt: Path, exp_dir: Path, row: dict, incumbent: dict, target: float,
-               calibrate_noise: float | None = None, done: tuple = ()):
-        """The opening run, then interleaved timed runs until the judge decides. -> (decision, reason, verdict dict,
-        stage). `done`: the runs this experiment finished before an interruption (its journal), in order; they are
-        taken as measured and only the rest is run.
-
-        `calibrate_noise`: step calibration follows; the judge may stop a candidate that learns clearly better than
-        it needs to at its first look (Judge's learns_better_noise)."""
-        s = self.settings
-        inc_seconds = Arm.from_state(incumbent).mean_seconds
-        done = list(done)
-        row["order_seed"] = order_seed(self.ws.tag, row["id"])
-        prior = self.noise_prior()
-        row["prior"] = None if prior is None else {"var": prior.var, "df": prior.df}
-        judge = Judge(self.judge_params(), target, row["order_seed"], prior, learns_better_noise=calibrate_noise)
-        if done and done[0]["seed"] == OPENING_SEED:  # a resume: the opening run was measured before
-            row["smoke"] = done.pop(0)
-            self.events.stage(f"resuming: the opening run and {len(done)} timed runs were measured before")
-        elif done:  # a resume of an experiment that had no opening run (C I I C on a GPU preset)
-            self.events.stage(f"resuming: {len(done)} timed runs were measured before")
-        elif rejected := self.opening(judge.order[0], cand_wt, exp_dir, row, inc_seconds):
-            return rejected
-        inc_curve = incumbent["curve"]
-        for entry in done:
-            m = Measurement(**entry)
-            row["runs"].append(entry)
-            judge.add(m.arm, m.seconds, m.val_loss)
-            inc_curve = m.curve if m.arm == INCUMBENT else inc_curve
-        index = len(done)
-        while True:
-            verdict = judge.verdict()
-            if verdict.state != "continue":
-                break
-            if self.should_stop():
-                raise Stopped()
-            arm = judge.next_arm()
-            pair = index // 2
-            recent = [r for r in row["runs"] if r["arm"] == INCUMBENT] or None
-            ref_seconds = sum(r["seconds"] for r in recent) / len(recent) if recent else inc_seconds
-            timeout = s.train.timeout_factor * ref_seconds
-            policy = AbortPolicy()  # the incumbent: NaN checks only
-            screen = None
-            if arm == CANDIDATE:
-                policy = AbortPolicy(ref_seconds, _progress_list(inc_curve), pace_slack=s.abort.pace_slack,
-                                     loss_slack=s.abort.loss_slack, min_fraction=s.abort.min_fraction)
-                if not any(r["arm"] == CANDIDATE for r in row["runs"]):
-                    # the first one is the screen's: it judges pace and loss against the incumbent's noise (after
-                    # the NaN rule); later ones, and all when there is no screen, get the abort rules above
-                    screen = self.screen(row, first=AbortPolicy())
-                    policy = screen or policy
-            self.events.run_started(arm, index, None)
-            wt = cand_wt if arm == CANDIDATE else inc_wt
-            # both arms of a pair share a seed: the pair differs only by the edit
-            m = self.measure(arm, wt, exp_dir / f"run-{index:02d}-{arm}", seed=100 + pair, timeout=timeout, policy=policy)
-            row["runs"].append(asdict(m))
-            index += 1
-            if not m.ok:
-                if arm == CANDIDATE:
-                    screened = screen is not None and bool(screen.last and screen.last["reject"])
-                    if screened:
-                        row["screen"] = screen.last
-                    return (Decision.REJECTED, failure_reason(m), asdict(judge.verdict()),
-                            Stage.SCREEN if screened else Stage.RUN)
-                raise HarnessError(f"the incumbent failed ({m.status}: {m.reason}); log: {m.log}")
-            if arm == INCUMBENT:
-                inc_curve = m.curve
-            self.ledger.add_to_journal(row["id"], asdict(m))
-            judge.add(arm, m.seconds, m.val_loss)
-        return Decision(verdict.state), verdict.reason, asdict(verdict), Stage.JUDGE
-
-    def opening(self, first_arm: str, cand_wt: Path, exp_dir: Path, row: dict, inc_seconds: float) -> tuple | None:
-        """The candidate's untimed run in front of the first block, which catches a crash before it costs timed runs.
-        When the screen has the incumbent's recent runs ([screen] recent_runs, the GPU presets) and opening_fraction
-        is above 0:
-        - a block that opens with the candidate (C I I C) needs none: that first timed run is the screen's against
-          those runs, and its evaluation, like every evaluation, runs the causality probe first;
-        - a block that opens with the incumbent gets a screen run: the full command under the screen against those
-          runs, stopped at opening_fraction of its steps. A candidate that cannot win then costs part of a run,
-          not the lead incumbent run and a candidate run.
-        Otherwise (the CPU presets): the smoke run, a few steps and the causality probe.
-        -> a rejection (decision, reason, None, stage), or None to go on. It is journaled with seed OPENING_SEED."""
-        fraction = self.settings.screen.opening_fraction
-        screen = self.screen(row, first=AbortPolicy(), until=fraction) if fraction > 0 else None
-        if screen is not None and first_arm == CANDIDATE:
-            return None
-        timeout = self.settings.train.timeout_factor * inc_seconds
-        if screen is None:
-            self.events.stage("smoke run")
-            m = self.measure(CANDIDATE, cand_wt, exp_dir / "smoke", seed=OPENING_SEED, smoke=True,
-                             policy=AbortPolicy(), timeout=timeout)
-        else:
-            self.events.stage(f"screen run (to {fraction:.0%} of the steps, against the incumbent's recent runs)")
-            m = self.measure(CANDIDATE, cand_wt, exp_dir / "screen-run", seed=OPENING_SEED, policy=screen,
-                             timeout=timeout)
-            if screen.passed:
-                m.status = "ok"  # stopped by us where the screen had seen enough: not a failure
-        row["smoke"] = asdict(m)
-        if m.ok:
-            self.ledger.add_to_journal(row["id"], asdict(m))
-            return None
-        if screen is not None and screen.last and screen.last["reject"]:
-            row["screen"] = screen.last
-            return Decision.REJECTED, failure_reason(m), None, Stage.SCREEN
-        return Decision.REJECTED, failure_reason(m), None, Stage.SMOKE
-
     def _finish(self, row: dict, exp_dir: Path, cand_wt: Path | None, decision: Decision, reason: str,
                 stage: Stage) -> dict:
         row = self.records.finish(row, exp_dir, cand_wt, decision, reason, stage)
         self.events.decided(row)
         return row
 
-
-def _progress_list(curve: list[dict]) -> list[Progress]:
-    return [Progress(**p) for p in curve]

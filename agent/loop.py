@@ -30,10 +30,11 @@ from statistics import mean
 from typing import Callable
 
 from agent.baseline import measure_baseline
+from agent.comparison import Stopped
 from agent.edit.parse import EditError
 from agent.evidence import Night
 from agent.experiment import run_proposal
-from agent.harness import Harness, Stopped
+from agent.harness import Harness
 from agent.propose.answers import check_edit
 from agent.propose.base import Proposal, Proposer, Usage
 from agent.propose.chat_api import ProposalFailed

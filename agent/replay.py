@@ -4,6 +4,7 @@ decision "reproduced" or "not reproduced".
 """
 import time
 
+from agent.comparison import Comparison
 from agent.edit.workspace import trailers
 from agent.harness import Harness
 from agent.records.experiments import record_decision, recorded_speedup
@@ -48,8 +49,8 @@ def _replay_one(h: Harness, original: str, parent: str, commit: str, state: dict
     # the parent may be any commit since the baseline: until its first run, assume the slowest known time
     reference = max(state["baseline"], state["incumbent"], key=lambda x: Arm.from_state(x).mean_seconds)
     try:
-        decision, reason, verdict, row["stage"] = h.judge_runs(cand_wt, inc_wt, exp_dir, row, reference,
-                                                               state["baseline"]["target"], done=done)
+        comparison = Comparison(h, cand_wt, inc_wt, exp_dir, row, reference, state["baseline"]["target"])
+        decision, reason, verdict, row["stage"] = comparison.run(done)
     finally:
         h.ws.remove_worktree(cand_wt)
         h.ws.remove_worktree(inc_wt)

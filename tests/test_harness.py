@@ -387,7 +387,7 @@ def test_the_opening_run_with_the_incumbents_recent_runs(repo, capsys, tmp_path,
     with the incumbent gets a screen run, stopped at opening_fraction (a slow edit rejected in it, before any timed
     run), one that opens with the candidate starts timing at once. Without them, or with opening_fraction 0: the
     smoke run. The opening run is in the journal (seed 0), so a resume does not run it again."""
-    from agent import harness as harness_mod
+    from agent import comparison
     from agent.verdict.judge import Judge, JudgeParams
     ratchet(capsys, "baseline")
     h = Harness(repo, settings.load(repo), "default")
@@ -398,7 +398,7 @@ def test_the_opening_run_with_the_incumbents_recent_runs(repo, capsys, tmp_path,
     h.ledger.append({"id": "0002", "kind": "try", "parent": h.ws.head(), "commit": "f" * 40, "time": time.time(),
                      "decision": "rejected", "runs": [b0, {**b1, "arm": "candidate"}, {**b0, "arm": "candidate"}, b1]})
     seed = next(s for s in range(100) if Judge(JudgeParams(), 0.0, s).order[0] == opens_with)
-    monkeypatch.setattr(harness_mod, "order_seed", lambda tag, exp_id: seed)
+    monkeypatch.setattr(comparison, "order_seed", lambda tag, exp_id: seed)
 
     slow = tmp_path / "slow.txt"
     slow.write_text(edit("SLEEP = 0.1", "SLEEP = 0.4", "sleep more"))
@@ -411,7 +411,7 @@ def test_the_opening_run_with_the_incumbents_recent_runs(repo, capsys, tmp_path,
 
     fast = edit("SLEEP = 0.1", "SLEEP = 0.01", "sleep less")
     asks = iter([False, True])  # a stop after the first timed run: in flight, what ran is journaled
-    with pytest.raises(harness_mod.Stopped):
+    with pytest.raises(comparison.Stopped):
         h.try_edit(fast, should_stop=lambda: next(asks))
     journal = h.ledger.journal(h.state["inflight"]["id"])
     row = h.try_edit(fast)  # the resume runs neither again
