@@ -10,7 +10,7 @@ from agent.guard import integrity
 from agent.harness import Harness
 from agent.measure.devices import Measurement
 from agent.measure.runner import AbortPolicy
-from agent.records.types import Arm, Decision
+from agent.records.types import Arm, Decision, Experiment
 from agent.verdict.judge import INCUMBENT
 from agent.verdict.target import baseline_runs_needed, target_from_baseline
 
@@ -66,10 +66,9 @@ def measure_baseline(h: Harness, force: bool = False, should_stop=lambda: False)
         reason += (f"; WARNING: the baseline's own val loss {arm.mean_val_loss:.4f} misses this fixed target, "
                    f"so only edits that also learn better can be accepted (too few train shards? a short config?)")
         h.events.stage(reason)
-    h.ledger.append({
-        "id": exp_id, "kind": "baseline", "parent": head, "proposer": "", "hypothesis": "baseline",
-        "decision": Decision.BASELINE, "reason": reason, "runs": [asdict(m) for m in runs],
-        "incumbent_s": arm.mean_seconds, "val_loss": arm.mean_val_loss, "target": target,
-        "time": time.time(), "sandbox": h.devices.sandbox_note})
+    exp = Experiment(exp_id, "baseline", head, time.time(), hypothesis="baseline", runs=[asdict(m) for m in runs],
+                     sandbox=h.devices.sandbox_note, target=target)
+    exp.decide(Decision.BASELINE, reason)
+    h.ledger.append(exp.to_row())
     h.ledger.save_state(state)
     return baseline

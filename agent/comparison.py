@@ -13,7 +13,7 @@ from pathlib import Path
 from agent.measure.devices import Measurement, failure_reason
 from agent.measure.runner import AbortPolicy, Progress
 from agent.records.experiments import order_seed
-from agent.records.types import Arm, Decision, Stage
+from agent.records.types import Arm, Decision, Experiment, Stage
 from agent.verdict.judge import CANDIDATE, INCUMBENT, Judge
 from agent.verdict.screen import ScreenMonitor
 
@@ -29,29 +29,31 @@ class Stopped(Exception):
 
 
 class Comparison:
-    """The runs of one experiment (`row`, filled in as they finish) between the candidate's worktree and the
+    """The runs of one experiment (`exp`, filled in as they finish) between the candidate's worktree and the
     incumbent's. `incumbent`: state.json's arm, the reference until this experiment's own incumbent runs; `target`:
     the val-loss target. `calibrate_noise`: step calibration follows; the judge may stop a candidate that learns
-    clearly better than it needs to at its first look (Judge's learns_better_noise)."""
+    clearly better than it needs to at its first look (Judge's learns_better_noise). `should_stop` is asked between
+    runs: when it says yes, Stopped is raised and the experiment stays in flight."""
 
-    def __init__(self, h, cand_wt: Path, inc_wt: Path, exp_dir: Path, row: dict, incumbent: dict, target: float,
-                 calibrate_noise: float | None = None):
-        self.h, self.cand_wt, self.inc_wt, self.exp_dir, self.row = h, cand_wt, inc_wt, exp_dir, row
+    def __init__(self, h, cand_wt: Path, inc_wt: Path, exp_dir: Path, exp: Experiment, incumbent: dict, target: float,
+                 calibrate_noise: float | None = None, should_stop=lambda: False):
+        self.h, self.cand_wt, self.inc_wt, self.exp_dir, self.exp = h, cand_wt, inc_wt, exp_dir, exp
+        self.should_stop = should_stop
         self.inc_seconds = Arm.from_state(incumbent).mean_seconds
         self.inc_curve = incumbent["curve"]  # the abort rules' reference: the incumbent's latest run
-        row["order_seed"] = order_seed(h.ws.tag, row["id"])
+        exp.order_seed = order_seed(h.ws.tag, exp.id)
         prior = h.noise_prior()
-        row["prior"] = None if prior is None else {"var": prior.var, "df": prior.df}
-        self.judge = Judge(h.judge_params(), target, row["order_seed"], prior, learns_better_noise=calibrate_noise)
+        exp.prior = None if prior is None else {"var": prior.var, "df": prior.df}
+        self.judge = Judge(h.judge_params(), target, exp.order_seed, prior, learns_better_noise=calibrate_noise)
         self.first_screen: ScreenMonitor | None = None  # built by the opening for a block that opens with the candidate
 
     def run(self, done: list[dict] = ()) -> tuple[Decision, str, dict | None, Stage]:
         """-> (decision, reason, verdict dict, stage). `done`: the runs this experiment finished before an
         interruption (its journal), in order."""
-        h, row, judge = self.h, self.row, self.judge
+        h, exp, judge = self.h, self.exp, self.judge
         done = list(done)
         if done and done[0]["seed"] == OPENING_SEED:  # a resume: the opening run was measured before
-            row["smoke"] = done.pop(0)
+            exp.smoke = done.pop(0)
             h.events.stage(f"resuming: the opening run and {len(done)} timed runs were measured before")
         elif done:  # a resume of an experiment that had no opening run (C I I C on a GPU preset)
             h.events.stage(f"resuming: {len(done)} timed runs were measured before")
@@ -59,46 +61,46 @@ class Comparison:
             return rejected
         for entry in done:
             m = Measurement(**entry)
-            row["runs"].append(entry)
+            exp.runs.append(entry)
             judge.add(m.arm, m.seconds, m.val_loss)
             self.inc_curve = m.curve if m.arm == INCUMBENT else self.inc_curve
         while (verdict := judge.verdict()).state == "continue":
-            if h.should_stop():
+            if self.should_stop():
                 raise Stopped()
             arm = judge.next_arm()
-            m, screen = self.timed_run(arm, index=len(row["runs"]))
+            m, screen = self.timed_run(arm, index=len(exp.runs))
             if not m.ok:
                 if arm == INCUMBENT:
                     raise HarnessError(f"the incumbent failed ({m.status}: {m.reason}); log: {m.log}")
                 screened = screen is not None and bool(screen.last and screen.last["reject"])
                 if screened:
-                    row["screen"] = screen.last
+                    exp.screen = screen.last
                 return (Decision.REJECTED, failure_reason(m), asdict(judge.verdict()),
                         Stage.SCREEN if screened else Stage.RUN)
             if arm == INCUMBENT:
                 self.inc_curve = m.curve
-            h.ledger.add_to_journal(row["id"], asdict(m))
+            h.ledger.add_to_journal(exp.id, asdict(m))
             judge.add(arm, m.seconds, m.val_loss)
         return Decision(verdict.state), verdict.reason, asdict(verdict), Stage.JUDGE
 
     def timed_run(self, arm: str, index: int) -> tuple[Measurement, ScreenMonitor | None]:
         """Run `arm` as the experiment's run `index`: the incumbent with the NaN checks only; the candidate under
         the abort rules, its first run under the screen (after the NaN rule) when there is one."""
-        h, s, row = self.h, self.h.settings, self.row
-        recent = [r["seconds"] for r in row["runs"] if r["arm"] == INCUMBENT]
+        h, s, exp = self.h, self.h.settings, self.exp
+        recent = [r["seconds"] for r in exp.runs if r["arm"] == INCUMBENT]
         ref_seconds = sum(recent) / len(recent) if recent else self.inc_seconds
         policy, screen = AbortPolicy(), None
         if arm == CANDIDATE:
             policy = AbortPolicy(ref_seconds, [Progress(**p) for p in self.inc_curve], pace_slack=s.abort.pace_slack,
                                  loss_slack=s.abort.loss_slack, min_fraction=s.abort.min_fraction)
-            if not any(r["arm"] == CANDIDATE for r in row["runs"]):
-                screen = self.first_screen or h.screen(row, first=AbortPolicy())
+            if not any(r["arm"] == CANDIDATE for r in exp.runs):
+                screen = self.first_screen or h.screen(exp.to_row(), first=AbortPolicy())
                 policy = screen or policy
         h.events.run_started(arm, index, None)
         wt = self.cand_wt if arm == CANDIDATE else self.inc_wt
         m = h.measure(arm, wt, self.exp_dir / f"run-{index:02d}-{arm}", seed=100 + index // 2,
                       timeout=s.train.timeout_factor * ref_seconds, policy=policy)
-        row["runs"].append(asdict(m))
+        exp.runs.append(asdict(m))
         return m, screen
 
     def opening(self) -> tuple | None:
@@ -112,9 +114,9 @@ class Comparison:
           not the lead incumbent run and a candidate run.
         Otherwise (the CPU presets): the smoke run, a few steps and the causality probe.
         -> a rejection (decision, reason, None, stage), or None to go on. It is journaled with seed OPENING_SEED."""
-        h, row = self.h, self.row
+        h, exp = self.h, self.exp
         fraction = h.settings.screen.opening_fraction
-        screen = h.screen(row, first=AbortPolicy(), until=fraction) if fraction > 0 else None
+        screen = h.screen(exp.to_row(), first=AbortPolicy(), until=fraction) if fraction > 0 else None
         if screen is not None and self.judge.order[0] == CANDIDATE:
             self.first_screen = replace(screen, until=1.0)  # the same reference, for the whole first timed run
             return None
@@ -129,11 +131,11 @@ class Comparison:
                           timeout=timeout)
             if screen.passed:
                 m.status = "ok"  # stopped by us where the screen had seen enough: not a failure
-        row["smoke"] = asdict(m)
+        exp.smoke = asdict(m)
         if m.ok:
-            h.ledger.add_to_journal(row["id"], asdict(m))
+            h.ledger.add_to_journal(exp.id, asdict(m))
             return None
         if screen is not None and screen.last and screen.last["reject"]:
-            row["screen"] = screen.last
+            exp.screen = screen.last
             return Decision.REJECTED, failure_reason(m), None, Stage.SCREEN
         return Decision.REJECTED, failure_reason(m), None, Stage.SMOKE

@@ -9,7 +9,7 @@ import git
 import numpy as np
 
 from agent.harness import Harness
-from agent.records.types import Decision
+from agent.records.types import Decision, Experiment
 from agent.verdict import calibrate
 
 
@@ -87,9 +87,10 @@ def run_proposal(h: Harness, proposal, made_on: str, should_stop=lambda: False, 
 def record_failure(h: Harness, proposal, extra: dict) -> dict:
     h.recover()
     h.records.drop_inflight()
-    row = {"id": h.ledger.next_id(), "kind": "run", "parent": h.ws.head(), "proposer": proposal.proposer,
-           "hypothesis": proposal.hypothesis, "decision": Decision.FAILED, "reason": f"proposer failed: {proposal.error}",
-           "runs": [], "time": time.time(), **extra}
+    exp = Experiment(h.ledger.next_id(), "run", h.ws.head(), time.time(), proposal.proposer,
+                     hypothesis=proposal.hypothesis, extra=extra)
+    exp.decide(Decision.FAILED, f"proposer failed: {proposal.error}")
+    row = exp.to_row()
     h.ledger.append(row)
     h.events.decided(row)
     return row

@@ -31,7 +31,7 @@ from agent.measure.runner import AbortPolicy
 from agent.proposer_services import ProposerServices
 from agent.records.experiments import Experiments, TagBusy, experiment_key
 from agent.records.ledger import Ledger
-from agent.records.types import Decision, Stage
+from agent.records.types import Decision, Experiment, Stage
 from agent.settings import Settings
 from agent.verdict import calibrate, history
 from agent.verdict.judge import JudgeParams, NoisePrior
@@ -59,7 +59,6 @@ class Harness:
         self.devices = Devices(settings, self.ledger.dir, require_sandbox)
         self.records = Experiments(self.ledger, self.ws)
         self.services = ProposerServices(self.root, settings, self.ledger, self.devices)
-        self.should_stop = lambda: False
         self._data_verified = False  # the dataset's full check (every sha256) runs once per process
 
     def lock(self) -> None:
@@ -157,7 +156,7 @@ class Harness:
         """Take an edit (either format) through the whole pipeline; returns its ledger row.
         `length`: write this step count into the length knob after the edit (a calibrated variant).
         `calibrate_noise`: calibration follows, with this seed-to-seed noise; a clearly better edit that is not yet
-        significantly faster stops at the judge's first look (see `_judge`).
+        significantly faster may stop at the judge's first look (Judge's learns_better_noise).
         `should_stop` is asked between runs; when it says yes, Stopped is raised and the experiment stays in flight."""
         self.recover()
         self.require_baseline()
@@ -167,21 +166,20 @@ class Harness:
         state = self.state
         exp_dir = self.ledger.exp_dir(exp_id)
         (exp_dir / "edit.txt").write_text(text)
-        row = {"id": exp_id, "kind": kind, "parent": parent, "proposer": proposer, "hypothesis": "", "rationale": "",
-               "diff": "", "runs": [], "time": time.time(), "sandbox": self.devices.sandbox_note, **(extra or {})}
-        self.should_stop = should_stop
+        exp = Experiment(exp_id, kind, parent, time.time(), proposer, sandbox=self.devices.sandbox_note,
+                         extra=dict(extra or {}))
         try:
             edit = parse_edit(text)
         except EditError as e:
-            return self._finish(row, exp_dir, None, Decision.REJECTED, f"malformed edit: {e}", Stage.EDIT)
-        row.update(hypothesis=edit.hypothesis, rationale=edit.rationale)
+            return self._finish(exp, exp_dir, None, Decision.REJECTED, f"malformed edit: {e}", Stage.EDIT)
+        exp.hypothesis, exp.rationale = edit.hypothesis, edit.rationale
         self.events.experiment(exp_id, edit.hypothesis)
         try:
             violation = integrity.path_violation(edit.paths(), self.settings.paths.editable, self.settings.paths.protected)
         except EditError as e:
-            return self._finish(row, exp_dir, None, Decision.REJECTED, f"malformed edit: {e}", Stage.EDIT)
+            return self._finish(exp, exp_dir, None, Decision.REJECTED, f"malformed edit: {e}", Stage.EDIT)
         if violation:
-            return self._finish(row, exp_dir, None, Decision.REJECTED, violation, Stage.GUARD)
+            return self._finish(exp, exp_dir, None, Decision.REJECTED, violation, Stage.GUARD)
         cand_wt = self.ws.add_worktree("candidate", parent)
         inc_wt = None
         try:
@@ -191,37 +189,36 @@ class Harness:
                     calibrate.set_length(cand_wt, self.settings.length.file, self.settings.length.pattern, length)
                     changed = [*changed, self.settings.length.file]
             except (EditError, calibrate.LengthError) as e:
-                return self._finish(row, exp_dir, None, Decision.REJECTED, f"edit does not apply: {e}", Stage.EDIT)
+                return self._finish(exp, exp_dir, None, Decision.REJECTED, f"edit does not apply: {e}", Stage.EDIT)
             commit = self.ws.commit(cand_wt, edit.hypothesis or "ratchet edit")
-            row["diff"] = self.ws.diff(commit)
-            if not row["diff"].strip():
-                return self._finish(row, exp_dir, cand_wt, Decision.REJECTED, "no change", Stage.EDIT)
-            row["fingerprint"] = tree_fingerprint(self.services.snapshot(parent), cand_wt, changed)
-            duplicate = self.services.duplicate_of(row["fingerprint"])
+            exp.diff = self.ws.diff(commit)
+            if not exp.diff.strip():
+                return self._finish(exp, exp_dir, cand_wt, Decision.REJECTED, "no change", Stage.EDIT)
+            exp.fingerprint = tree_fingerprint(self.services.snapshot(parent), cand_wt, changed)
+            duplicate = self.services.duplicate_of(exp.fingerprint)
             if duplicate:
-                return self._finish(row, exp_dir, cand_wt, Decision.REJECTED, f"duplicate of experiment {duplicate['id']}",
+                return self._finish(exp, exp_dir, cand_wt, Decision.REJECTED, f"duplicate of experiment {duplicate['id']}",
                                     Stage.EDIT)
             findings = policy.check_files(cand_wt, changed, old_root=self.services.snapshot(parent))
-            row["policy"] = [asdict(f) for f in findings]
+            exp.policy = [asdict(f) for f in findings]
             if policy.rejecting(findings):
-                return self._finish(row, exp_dir, cand_wt, "rejected",
+                return self._finish(exp, exp_dir, cand_wt, Decision.REJECTED,
                                     "policy: " + policy.format_findings(policy.rejecting(findings)), Stage.POLICY)
             inc_wt = self.ws.add_worktree("incumbent", parent)
-            comparison = Comparison(self, cand_wt, inc_wt, exp_dir, row, state["incumbent"], state["baseline"]["target"],
-                                    calibrate_noise)
-            decision, reason, verdict, stage = comparison.run(done)
-            row["verdict"] = verdict
-            return self._finish(row, exp_dir, cand_wt, decision, reason, stage)
+            comparison = Comparison(self, cand_wt, inc_wt, exp_dir, exp, state["incumbent"], state["baseline"]["target"],
+                                    calibrate_noise, should_stop)
+            decision, reason, exp.verdict, stage = comparison.run(done)
+            return self._finish(exp, exp_dir, cand_wt, decision, reason, stage)
         except integrity.IntegrityError as e:
-            return self._finish(row, exp_dir, cand_wt, Decision.REJECTED, str(e), Stage.GUARD)
+            return self._finish(exp, exp_dir, cand_wt, Decision.REJECTED, str(e), Stage.GUARD)
         finally:
             for wt in (cand_wt, inc_wt):
                 if wt is not None:
                     self.ws.remove_worktree(wt)
 
-    def _finish(self, row: dict, exp_dir: Path, cand_wt: Path | None, decision: Decision, reason: str,
+    def _finish(self, exp: Experiment, exp_dir: Path, cand_wt: Path | None, decision: Decision, reason: str,
                 stage: Stage) -> dict:
-        row = self.records.finish(row, exp_dir, cand_wt, decision, reason, stage)
+        row = self.records.finish(exp, exp_dir, cand_wt, decision, reason, stage)
         self.events.decided(row)
         return row
 

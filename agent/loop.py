@@ -38,7 +38,6 @@ from agent.harness import Harness
 from agent.propose.answers import check_edit
 from agent.propose.base import Proposal, Proposer, Usage
 from agent.propose.chat_api import ProposalFailed
-from agent.measure.runner import kill_leftovers
 from agent.records.types import Arm, Decision
 
 USER_STOP = "stop requested"
@@ -221,9 +220,7 @@ class Loop:
             ahead.exception()  # waits; a proposer error is not this exit's business
         with self.lock:
             self.closed = True
-        scratch = f"{self.h.ledger.dir / 'scratch'}/"  # where proposers' smoke runs live (Harness.smoke_check)
-        while not self.h.devices.lock.acquire(timeout=1.0):  # held until exit: no smoke run starts after this
-            kill_leftovers(scratch)
+        self.h.devices.close()  # no smoke run starts after this; one in flight is killed
 
     # --- before a proposal runs
     def _preflight(self) -> None:

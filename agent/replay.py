@@ -7,8 +7,8 @@ import time
 from agent.comparison import Comparison
 from agent.edit.workspace import trailers
 from agent.harness import Harness
-from agent.records.experiments import record_decision, recorded_speedup
-from agent.records.types import Arm, Decision
+from agent.records.experiments import recorded_speedup
+from agent.records.types import Arm, Decision, Experiment
 
 
 def replay(h: Harness, revs: list[str], onto: str | None = None) -> list[dict]:
@@ -39,23 +39,22 @@ def _replay_one(h: Harness, original: str, parent: str, commit: str, state: dict
     exp_id, done = h.records.claim(f"replay:{original}", parent)
     exp_dir = h.ledger.exp_dir(exp_id)
     message = h.ws.message(original)
-    row = {"id": exp_id, "kind": "replay", "parent": parent, "commit": commit, "replay_of": original,
-           "proposer": trailers(message).get("Ratchet-Proposer", ""), "hypothesis": message.splitlines()[0],
-           "recorded_speedup": recorded_speedup(message), "diff": h.ws.diff(commit), "runs": [],
-           "time": time.time()}
-    h.events.experiment(exp_id, f"replay {original[:10]}: {row['hypothesis']}")
+    exp = Experiment(exp_id, "replay", parent, time.time(), trailers(message).get("Ratchet-Proposer", ""),
+                     hypothesis=message.splitlines()[0], diff=h.ws.diff(commit), commit=commit,
+                     extra={"replay_of": original, "recorded_speedup": recorded_speedup(message)})
+    h.events.experiment(exp_id, f"replay {original[:10]}: {exp.hypothesis}")
     cand_wt = h.ws.add_worktree("candidate", commit)
     inc_wt = h.ws.add_worktree("incumbent", parent)
     # the parent may be any commit since the baseline: until its first run, assume the slowest known time
     reference = max(state["baseline"], state["incumbent"], key=lambda x: Arm.from_state(x).mean_seconds)
     try:
-        comparison = Comparison(h, cand_wt, inc_wt, exp_dir, row, reference, state["baseline"]["target"])
-        decision, reason, verdict, row["stage"] = comparison.run(done)
+        comparison = Comparison(h, cand_wt, inc_wt, exp_dir, exp, reference, state["baseline"]["target"])
+        decision, reason, exp.verdict, stage = comparison.run(done)
     finally:
         h.ws.remove_worktree(cand_wt)
         h.ws.remove_worktree(inc_wt)
-    row["verdict"] = verdict
-    record_decision(row, Decision.REPRODUCED if decision == Decision.ACCEPTED else Decision.NOT_REPRODUCED, reason)
+    exp.decide(Decision.REPRODUCED if decision == Decision.ACCEPTED else Decision.NOT_REPRODUCED, reason, stage)
+    row = exp.to_row()
     h.ledger.append(row)
     h.records.drop_inflight()
     h.events.decided(row)

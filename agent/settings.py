@@ -8,6 +8,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
+from agent.measure.runner import AbortPolicy
 from agent.verdict.judge import JudgeParams
 from agent.verdict.screen import ScreenParams
 
@@ -95,10 +96,11 @@ class Screen:
 
 @dataclass
 class Abort:
-    pace_slack: float = 0.2          # abort a candidate whose projected wall-clock exceeds the incumbent's by this fraction
-                                     # (generous: a pace read from a few progress lines is noisy, and an abort is final)
-    loss_slack: float = 1.0          # abort a candidate whose loss (last 3 lines) is this many nats above the incumbent's
-    min_fraction: float = 0.15       # no pace/loss aborts before this fraction of the run
+    # the runner's abort rules for candidate runs the screen does not watch (agent/measure/runner.py AbortPolicy,
+    # which owns the defaults and their reasons)
+    pace_slack: float = AbortPolicy.pace_slack      # abort when the projected wall-clock exceeds the incumbent's by this fraction
+    loss_slack: float = AbortPolicy.loss_slack      # abort when the loss (last 3 lines) is this many nats above the incumbent's
+    min_fraction: float = AbortPolicy.min_fraction  # no pace/loss aborts before this fraction of the run
 
 
 @dataclass

@@ -271,7 +271,7 @@ def test_pace_rule_aborts_a_slow_run_at_min_fraction():
 
 
 def test_pace_rule_tolerates_slack_and_a_slow_start():
-    assert first_abort(AbortPolicy(20.0, []), steady(0.5 * 1.03)) is None  # 3% slower, within the 5% slack
+    assert first_abort(AbortPolicy(20.0, []), steady(0.5 * 1.03)) is None  # 3% slower, within the slack
     # an 8 s first step (compilation) then 0.25 s/step: 17.75 s in all. The average pace at step 6
     # (9.25 s for 15%) would project 62 s; the recent pace does not.
     compiled = [Progress(s, 40, 5.0, 0.0, 8.0 + 0.25 * (s - 1)) for s in range(1, 41)]

@@ -1,7 +1,7 @@
 """The devices: the one object that launches training runs and evaluations on this machine's accelerators.
 
 One run at a time (`lock`): a proposer's smoke check on the loop's background thread waits for the timed run on
-the main thread, and the loop takes the lock for good when it stops. Everything a run is given is decided here,
+the main thread, and `close` takes the lock for good when the loop stops. Everything a run is given is decided here,
 by trusted code: the command (`python` and `torchrun` resolved to Ratchet's own), the environment (child_env: no
 secrets; compile caches inside the run's folder; RATCHET_EXPECT_CUDA where there are GPUs), the sandbox (training
 sees its worktree, the training shards only, and its run dir; the evaluator alone sees the validation data), and
@@ -74,6 +74,12 @@ class Devices:
     def kill_leftovers(self) -> None:
         """After a crash or kill -9: the runs an earlier process left running below runs_dir."""
         kill_leftovers(str(self.runs_dir) + "/")
+
+    def close(self) -> None:
+        """Take the run lock for good, so that no run starts after this; a run that holds it now (a proposer's smoke
+        check on another thread) is killed."""
+        while not self.lock.acquire(timeout=1.0):
+            self.kill_leftovers()
 
     def train_data_view(self) -> Path:
         """A folder that holds links to the training shards only: the run is never pointed at validation data."""

@@ -100,7 +100,8 @@ class AbortPolicy:
     """
     incumbent_seconds: float | None = None  # the incumbent's measured wall-clock; None: no pace rule
     incumbent_curve: list[Progress] = field(default_factory=list)  # the incumbent's progress lines; empty: no loss rule
-    pace_slack: float = 0.05    # abort when the projected time exceeds the incumbent's by more than this fraction
+    pace_slack: float = 0.2     # abort when the projected time exceeds the incumbent's by more than this fraction
+                                # (generous: a pace read from a few progress lines is noisy, and an abort is final)
     loss_slack: float = 1.0     # abort when the loss (last LOSS_LINES lines) exceeds the incumbent's at the same steps by this (nats)
     min_fraction: float = 0.15  # the pace and loss rules wait for this fraction of the steps
     pace_window: float = 0.2    # pace is measured over the lines in the last this fraction of the steps

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from agent.edit.workspace import Workspace, trailers
 from agent.records.ledger import Ledger
-from agent.records.types import Arm, Decision, Stage
+from agent.records.types import Arm, Decision, Experiment, Stage
 from agent.verdict.judge import CANDIDATE
 
 
@@ -65,32 +65,30 @@ class Experiments:
             shutil.rmtree(self.ledger.exp_dir(inflight["id"]), ignore_errors=True)
         self.ledger.save_state(state)
 
-    def finish(self, row: dict, exp_dir: Path, cand_wt: Path | None, decision: Decision, reason: str,
+    def finish(self, exp: Experiment, exp_dir: Path, cand_wt: Path | None, decision: Decision, reason: str,
                stage: Stage) -> dict:
-        """Record a decision. `stage`: what decided: edit, guard, policy, smoke, screen, run (a candidate run
-        failed), judge."""
-        record_decision(row, decision, reason)
-        row["stage"] = stage
+        """Record a decision; -> the ledger row. `stage`: what decided: edit, guard, policy, smoke, screen, run (a
+        candidate run failed), judge."""
+        exp.decide(decision, reason, stage)
         if cand_wt is not None:
-            row["commit"] = self.ws.amend_message(cand_wt, commit_message(row, self.ws.tag))
-        self.ledger.write_json(exp_dir / "result.json", row)  # the point of no return: recover() finishes from here
-        self.publish(row)
-        return row
+            exp.commit = self.ws.amend_message(cand_wt, commit_message(exp, self.ws.tag))
+        self.ledger.write_json(exp_dir / "result.json", exp.to_row())  # the point of no return: recover() finishes from here
+        self.publish(exp)
+        return exp.to_row()
 
-    def publish(self, row: dict) -> None:
+    def publish(self, exp: Experiment) -> None:
         """Move git and the ledger to match a saved decision. Idempotent: recover() calls it again after a crash."""
-        commit = row.get("commit")
-        if commit and row["decision"] == Decision.ACCEPTED:
-            if self.ws.head() == row["parent"]:
-                self.ws.advance(commit, row["parent"])
-        elif commit:
-            row["ref"] = self.ws.keep_rejected(row["id"], commit)
-        if self.ledger.row(row["id"]) is None:
-            self.ledger.append(row)
+        if exp.commit and exp.decision == Decision.ACCEPTED:
+            if self.ws.head() == exp.parent:
+                self.ws.advance(exp.commit, exp.parent)
+        elif exp.commit:
+            exp.ref = self.ws.keep_rejected(exp.id, exp.commit)
+        if self.ledger.row(exp.id) is None:
+            self.ledger.append(exp.to_row())
         state = self.ledger.load_state()
-        if row["decision"] == Decision.ACCEPTED:
-            cand = [r for r in row["runs"] if r["arm"] == CANDIDATE]
-            state["incumbent"] = Arm(commit, [r["seconds"] for r in cand], [r["val_loss"] for r in cand],
+        if exp.decision == Decision.ACCEPTED:
+            cand = [r for r in exp.runs if r["arm"] == CANDIDATE]
+            state["incumbent"] = Arm(exp.commit, [r["seconds"] for r in cand], [r["val_loss"] for r in cand],
                                      cand[-1]["curve"]).to_state()
         state.pop("inflight", None)
         self.ledger.save_state(state)
@@ -103,7 +101,7 @@ class Experiments:
         if inflight:
             result = self.ledger.exp_dir(inflight["id"]) / "result.json"
             if result.exists():
-                self.publish(json.loads(result.read_text()))
+                self.publish(Experiment.from_row(json.loads(result.read_text())))
         self.ws.remove_all_worktrees()
 
 
@@ -118,36 +116,31 @@ def order_seed(tag: str, exp_id: str) -> int:
     return zlib.crc32(f"{tag}/{exp_id}".encode())
 
 
-def record_decision(row: dict, decision: str, reason: str) -> None:
-    """Decision, reason, and the verdict's headline numbers as top-level ledger fields."""
-    v = row.get("verdict") or {}
-    row.update(decision=decision, reason=reason, speedup=v.get("speedup"), candidate_s=v.get("candidate_mean"),
-               incumbent_s=v.get("incumbent_mean"), p_value=v.get("p_value"), val_loss=v.get("val_loss_mean"),
-               target=v.get("target_val_loss"))
-
-
-def commit_message(row: dict, tag: str) -> str:
+def commit_message(exp: Experiment, tag: str) -> str:
     """The contract's commit message: hypothesis, rationale, then Ratchet-* trailers with the evidence."""
-    lines = [row.get("hypothesis") or "ratchet edit", ""]
-    if row.get("rationale"):
-        lines += [row["rationale"].strip(), ""]
-    if row.get("calibrates"):
-        lines += [f"Step calibration: the edit of experiment {row['calibrates']} with the length moved from "
-                  f"{row['steps_before']} to {row['steps_after']} steps ({row['calibration']}).", ""]
-    lines.append(f"Ratchet-Experiment: {tag}/{row['id']}")
-    if row.get("calibrates"):
-        lines.append(f"Ratchet-Calibrated: steps {row['steps_before']} -> {row['steps_after']} (from {tag}/{row['calibrates']})")
-    if row.get("candidate_s") is not None and row.get("incumbent_s") is not None:
-        change = row["candidate_s"] / row["incumbent_s"] - 1
-        p = "n/a" if row.get("p_value") is None else f"{row['p_value']:.2g}"
-        n = (row.get("verdict") or {}).get("n_pairs", 0)
-        lines.append(f"Ratchet-Wall-Clock: {row['candidate_s']:.2f}s vs {row['incumbent_s']:.2f}s "
+    lines = [exp.hypothesis or "ratchet edit", ""]
+    if exp.rationale:
+        lines += [exp.rationale.strip(), ""]
+    calibrated = exp.extra.get("calibrates")
+    if calibrated:
+        before, after = exp.extra["steps_before"], exp.extra["steps_after"]
+        lines += [f"Step calibration: the edit of experiment {calibrated} with the length moved from "
+                  f"{before} to {after} steps ({exp.extra['calibration']}).", ""]
+    lines.append(f"Ratchet-Experiment: {tag}/{exp.id}")
+    if calibrated:
+        lines.append(f"Ratchet-Calibrated: steps {before} -> {after} (from {tag}/{calibrated})")
+    head = exp.headline
+    if head["candidate_s"] is not None and head["incumbent_s"] is not None:
+        change = head["candidate_s"] / head["incumbent_s"] - 1
+        p = "n/a" if head["p_value"] is None else f"{head['p_value']:.2g}"
+        n = (exp.verdict or {}).get("n_pairs", 0)
+        lines.append(f"Ratchet-Wall-Clock: {head['candidate_s']:.2f}s vs {head['incumbent_s']:.2f}s "
                      f"({change:+.1%}, n={n}, p={p})")
-    if row.get("val_loss") is not None:
-        lines.append(f"Ratchet-Val-Loss: {row['val_loss']:.4f} (target {row['target']:.4f})")
-    lines.append(f"Ratchet-Proposer: {row.get('proposer') or 'manual'}")
-    if row["decision"] != Decision.ACCEPTED:
-        lines.append(f"Ratchet-Decision: {row['decision']}: {row['reason']}".splitlines()[0])
+    if head["val_loss"] is not None:
+        lines.append(f"Ratchet-Val-Loss: {head['val_loss']:.4f} (target {exp.target:.4f})")
+    lines.append(f"Ratchet-Proposer: {exp.proposer or 'manual'}")
+    if exp.decision != Decision.ACCEPTED:
+        lines.append(f"Ratchet-Decision: {exp.decision}: {exp.reason}".splitlines()[0])
     return "\n".join(lines) + "\n"
 
 

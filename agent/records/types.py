@@ -1,8 +1,8 @@
-"""The typed parts of a record. Decisions and stages are string enums: they compare equal to, and serialize as,
-the strings the ledger has always held, so rows written by earlier versions load unchanged. An arm is one commit's
-timed runs as state.json keeps the baseline and the incumbent.
+"""The typed records: an experiment (a ledger row), an arm (one commit's timed runs, as state.json keeps the baseline
+and the incumbent), and the decisions and stages. Decisions and stages are string enums: they compare equal to, and
+serialize as, the strings the ledger has always held, so rows written by earlier versions load unchanged.
 """
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 
 
@@ -49,3 +49,68 @@ class Arm:
 
     def to_state(self) -> dict:
         return asdict(self)
+
+
+# a row's headline numbers: top-level in every ledger row (results.tsv, `ratchet log`, earlier versions read them),
+# derived from the verdict (a baseline: from its runs), never set on their own
+HEADLINE = ("speedup", "candidate_s", "incumbent_s", "p_value", "val_loss")
+
+
+@dataclass
+class Experiment:
+    """One ledger row, typed: an edit's experiment, a baseline, a replay, or a proposer's failure. It is filled in as
+    the experiment goes; `to_row()` is what the ledger, result.json and `ratchet try --json` hold, and `from_row()`
+    reads the rows of every earlier version (keys it does not know stay in `extra`)."""
+    id: str
+    kind: str                          # "baseline", "try", "run" (the loop's), "calibrate" (a variant), "replay"
+    parent: str                        # the incumbent commit it is measured against
+    time: float                        # when it started (time.time())
+    proposer: str = ""                 # "manual", "catalog", "anthropic:<model>", ...; "" for a baseline
+    hypothesis: str = ""
+    rationale: str = ""
+    diff: str = ""                     # the candidate commit's change against parent
+    commit: str | None = None          # the candidate commit (its message amended with the trailers)
+    ref: str | None = None             # where a rejected commit is kept (refs/ratchet/<tag>/rejected/<id>)
+    sandbox: str = ""                  # how the runs were isolated
+    fingerprint: str | None = None     # the change's fingerprint (duplicates)
+    policy: list | None = None         # the static policy's findings
+    smoke: dict | None = None          # the opening run (a smoke or screen run), as measured
+    runs: list = field(default_factory=list)  # the timed runs in order, as measured (Measurement dicts)
+    screen: dict | None = None         # the screen's numbers where it rejected
+    prior: dict | None = None          # the noise prior the judge used: {"var", "df"}
+    order_seed: int | None = None      # the seed of the judge's coin flips
+    verdict: dict | None = None        # the judge's Verdict
+    decision: Decision | None = None
+    reason: str = ""                   # for people: the sentence that says why
+    stage: Stage | None = None         # what decided
+    target: float | None = None        # the val-loss target it was held to (a baseline: the one it set)
+    extra: dict = field(default_factory=dict)  # the caller's: a proposal's (key, usage, notes, ...), a calibrated
+                                               # variant's (calibrates, steps_before, steps_after), a replay's
+
+    @property
+    def headline(self) -> dict:
+        """speedup, candidate_s, incumbent_s, p_value, val_loss: the verdict's, or a baseline's runs'."""
+        v = self.verdict or {}
+        if self.kind == "baseline" and self.runs:
+            arm = Arm("", [r["seconds"] for r in self.runs], [r["val_loss"] for r in self.runs])
+            return dict.fromkeys(HEADLINE) | {"incumbent_s": arm.mean_seconds, "val_loss": arm.mean_val_loss}
+        return {"speedup": v.get("speedup"), "candidate_s": v.get("candidate_mean"),
+                "incumbent_s": v.get("incumbent_mean"), "p_value": v.get("p_value"), "val_loss": v.get("val_loss_mean")}
+
+    def decide(self, decision: Decision, reason: str, stage: Stage | None = None) -> None:
+        self.decision, self.reason, self.stage = Decision(decision), reason, None if stage is None else Stage(stage)
+        if self.verdict:
+            self.target = self.verdict.get("target_val_loss")
+
+    def to_row(self) -> dict:
+        row = {k: v for k, v in asdict(self).items() if k != "extra" and (v is not None or k in ("target", "verdict"))}
+        return {**self.extra, **row, **self.headline}
+
+    @classmethod
+    def from_row(cls, row: dict) -> "Experiment":
+        known = {f.name for f in fields(cls)} - {"extra"}
+        values = {k: v for k, v in row.items() if k in known}
+        for name, kind in (("decision", Decision), ("stage", Stage)):
+            if values.get(name) is not None:
+                values[name] = kind(values[name])
+        return cls(**values, extra={k: v for k, v in row.items() if k not in known and k not in HEADLINE})
