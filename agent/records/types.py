@@ -103,7 +103,9 @@ class Experiment:
             self.target = self.verdict.get("target_val_loss")
 
     def to_row(self) -> dict:
-        row = {k: v for k, v in asdict(self).items() if k != "extra" and (v is not None or k in ("target", "verdict"))}
+        # None is left out, but for the keys readers look up directly, and the prior of a judged experiment ("none")
+        kept = ("target", "verdict") + (("prior",) if self.order_seed is not None else ())
+        row = {k: v for k, v in asdict(self).items() if k != "extra" and (v is not None or k in kept)}
         return {**self.extra, **row, **self.headline}
 
     @classmethod
@@ -111,6 +113,6 @@ class Experiment:
         known = {f.name for f in fields(cls)} - {"extra"}
         values = {k: v for k, v in row.items() if k in known}
         for name, kind in (("decision", Decision), ("stage", Stage)):
-            if values.get(name) is not None:
+            if values.get(name) in kind.__members__.values():  # a word no longer in use stays the string it was
                 values[name] = kind(values[name])
         return cls(**values, extra={k: v for k, v in row.items() if k not in known and k not in HEADLINE})
