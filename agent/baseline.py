@@ -30,10 +30,9 @@ def measure_baseline(h: Harness, force: bool = False, should_stop=lambda: False)
     if not runs:  # a resumed baseline keeps the data and hashes its finished runs were measured with
         h.check_data(new_baseline=True)
     wt = h.ws.add_worktree("incumbent", head)
-    state = h.state
-    state.update(protected_hashes=integrity.protected_hashes(wt, s.paths.protected),
-                 data_fingerprint=state.get("data_fingerprint") if runs else integrity.data_fingerprint(s.data_dir))
-    h.ledger.save_state(state)
+    hashes = integrity.protected_hashes(wt, s.paths.protected)
+    fingerprint = h.state.get("data_fingerprint") if runs else integrity.data_fingerprint(s.data_dir)
+    h.ledger.update_state(lambda state: state.update(protected_hashes=hashes, data_fingerprint=fingerprint))
     try:
         for i in range(len(runs), s.judge.baseline_runs):
             if len(runs) >= 2 and baseline_runs_needed(
@@ -59,8 +58,6 @@ def measure_baseline(h: Harness, force: bool = False, should_stop=lambda: False)
         losses, s.target.tolerance_sigmas, s.target.min_tolerance)
     arm = Arm(head, seconds, losses, runs[-1].curve)
     baseline = {**arm.to_state(), "target": target, "id": exp_id}
-    state.update(baseline=baseline, incumbent=arm.to_state())
-    state.pop("inflight", None)
     reason = f"target {target:.4f}"
     if arm.mean_val_loss > target:  # only a fixed target can be missed by the baseline itself
         reason += (f"; WARNING: the baseline's own val loss {arm.mean_val_loss:.4f} misses this fixed target, "
@@ -70,5 +67,9 @@ def measure_baseline(h: Harness, force: bool = False, should_stop=lambda: False)
                      sandbox=h.devices.sandbox_note, target=target)
     exp.decide(Decision.BASELINE, reason)
     h.ledger.append(exp.to_row())
-    h.ledger.save_state(state)
+
+    def land(state):
+        state.update(baseline=baseline, incumbent=arm.to_state())
+        state.pop("inflight", None)
+    h.ledger.update_state(land)
     return baseline

@@ -35,9 +35,10 @@ class Comparison:
     clearly better than it needs to at its first look (Judge's learns_better_noise). `should_stop` is asked between
     runs: when it says yes, Stopped is raised and the experiment stays in flight."""
 
-    def __init__(self, h, cand_wt: Path, inc_wt: Path, exp_dir: Path, exp: Experiment, incumbent: dict, target: float,
+    def __init__(self, h, exp: Experiment, cand_wt: Path, inc_wt: Path, incumbent: dict, target: float,
                  calibrate_noise: float | None = None, should_stop=lambda: False):
-        self.h, self.cand_wt, self.inc_wt, self.exp_dir, self.exp = h, cand_wt, inc_wt, exp_dir, exp
+        self.h, self.exp, self.cand_wt, self.inc_wt = h, exp, cand_wt, inc_wt
+        self.exp_dir = h.ledger.exp_dir(exp.id)  # the runs' folders
         self.should_stop = should_stop
         self.inc_seconds = Arm.from_state(incumbent).mean_seconds
         self.inc_curve = incumbent["curve"]  # the abort rules' reference: the incumbent's latest run

@@ -20,16 +20,25 @@ def experiment(h: Harness, text: str, proposer: str = "manual", kind: str = "try
     `calibrate_length`: whether to calibrate (default: [length] calibrate).
 
     extra["proposal_id"] (the loop's) makes this resumable: rows already in the ledger for that proposal, from a
-    run that was killed half-way, are reused rather than re-run (a re-run would be rejected as a duplicate)."""
+    run that was killed half-way, are taken as they are (a re-run would be rejected as a duplicate); the next
+    variant follows from them (calibrate.next_length), and one in flight resumes like any experiment."""
     calibrating = h.settings.length.calibrate if calibrate_length is None else calibrate_length
     pid = (extra or {}).get("proposal_id")
     earlier = [r for r in h.ledger.rows() if r.get("proposal_id") == pid] if pid else []
     noise = _noise(h) if calibrating else None
     first = next((r for r in earlier if r["kind"] != "calibrate"), None)
     rows = [] if first else [h.try_edit(text, proposer, kind, extra, should_stop, calibrate_noise=noise)]
-    if calibrating:
-        done = {r["steps_after"]: r for r in earlier if r["kind"] == "calibrate"}
-        rows += _calibrate(h, text, first or rows[0], proposer, extra, should_stop, noise, done)
+    if not calibrating:
+        return rows
+    first = first or rows[0]
+    variants = [r for r in earlier if r["kind"] == "calibrate"]
+    variant_extra = {k: v for k, v in (extra or {}).items() if k != "notes"}  # the notes stay on the first row only
+    while (variant := _next_variant(h, first, variants, noise)) is not None:
+        variant_text, calibration = variant
+        row = h.try_edit(variant_text, proposer, "calibrate", {**variant_extra, **calibration}, should_stop,
+                         calibrate_noise=noise)
+        variants.append(row)
+        rows.append(row)
     return rows
 
 
@@ -39,39 +48,40 @@ def _noise(h: Harness) -> float:
     return max(float(np.std(base["val_losses"], ddof=1)), h.settings.target.min_tolerance)
 
 
-def _calibrate(h: Harness, text: str, row: dict, proposer: str, extra: dict | None, should_stop, noise: float,
-               done: dict) -> list[dict]:
-    """Derived attempts at other lengths; `done`: attempts already in the ledger (by step count), reused."""
+def _next_variant(h: Harness, first: dict, variants: list[dict], noise: float) -> tuple[str, dict] | None:
+    """The next calibrated variant of the edit judged in `first`, after `variants` (ledger rows) -> (its edit text,
+    its row's calibration fields), or None when calibration is over."""
     L, base = h.settings.length, h.require_baseline()["baseline"]
     try:
-        length = calibrate.read_length(h.ws.repo.git.show(f"{row['commit']}:{L.file}"), L.pattern, L.file) \
-            if row.get("commit") else None
+        length = calibrate.read_length(h.ws.repo.git.show(f"{first['commit']}:{L.file}"), L.pattern, L.file) \
+            if first.get("commit") else None
     except (calibrate.LengthError, git.GitCommandError) as e:  # no knob in this tree: nothing to calibrate
         h.events.stage(f"no calibration: {e}")
-        return []
+        return None
     if length is None:
-        return []
-    plan, why = calibrate.plan(row, length, base["target"], noise, h.settings.judge.min_speedup,
-                               L.min_fraction, L.max_fraction)
-    if plan is None:
-        return []
-    h.events.stage(f"calibrating the length ({plan.direction}): {why}")
-    variant_extra = {k: v for k, v in (extra or {}).items() if k != "notes"}  # the notes stay on the first row only
-    rows, steps = [], plan.first
-    for _ in range(L.max_attempts):
-        r = done.get(steps) or h.try_edit(
-            text, proposer, "calibrate", {**variant_extra, "calibrates": row["id"], "steps_before": length,
-                                          "steps_after": steps, "calibration": why},
-            should_stop, length=steps, calibrate_noise=noise)
-        if steps not in done:
-            rows.append(r)
-        if r["decision"] == Decision.ACCEPTED or not (r.get("verdict") or {}).get("val_loss_mean"):
-            break
-        plan.bracket.record(steps, met_target=r["verdict"]["val_loss_mean"] <= base["target"])
-        steps = plan.bracket.next(steps)
-        if steps is None:
-            break
-    return rows
+        return None
+    steps, plan, why = calibrate.next_length(first, variants, length, base["target"], noise,
+                                             h.settings.judge.min_speedup, L.min_fraction, L.max_fraction,
+                                             L.max_attempts)
+    if steps is None:
+        return None
+    h.events.stage(f"calibrating the length ({plan.direction}): {steps} steps: {why}")
+    fields = {"calibrates": first["id"], "steps_before": length, "steps_after": steps, "calibration": why}
+    return variant_edit(h, first, steps), fields
+
+
+def variant_edit(h: Harness, row: dict, steps: int) -> str:
+    """The edit judged in `row` with the length knob at `steps`, as an ordinary edit against the same parent: the
+    unified diff of its commit with the knob moved, under its hypothesis and rationale. The same row and steps
+    always give the same text, so a variant in flight resumes like any experiment."""
+    L = h.settings.length
+    wt = h.ws.add_worktree("variant", row["commit"])
+    try:
+        calibrate.set_length(wt, L.file, L.pattern, steps)
+        diff = git.Repo(wt).git.diff(row["parent"])
+    finally:
+        h.ws.remove_worktree(wt)
+    return f"HYPOTHESIS: {row.get('hypothesis') or ''}\nRATIONALE: {row.get('rationale') or ''}\n\n{diff}\n"
 
 
 def run_proposal(h: Harness, proposal, made_on: str, should_stop=lambda: False, proposal_id: str = "") -> list[dict]:

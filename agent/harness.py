@@ -33,7 +33,7 @@ from agent.records.experiments import Experiments, TagBusy, experiment_key
 from agent.records.ledger import Ledger
 from agent.records.types import Decision, Experiment, Stage
 from agent.settings import Settings
-from agent.verdict import calibrate, history
+from agent.verdict import history
 from agent.verdict.judge import JudgeParams, NoisePrior
 from agent.verdict.screen import ScreenMonitor
 
@@ -152,9 +152,8 @@ class Harness:
 
     # ------------------------------------------------------------------ one edit
     def try_edit(self, text: str, proposer: str = "manual", kind: str = "try", extra: dict | None = None,
-                 should_stop=lambda: False, length: int | None = None, calibrate_noise: float | None = None) -> dict:
+                 should_stop=lambda: False, calibrate_noise: float | None = None) -> dict:
         """Take an edit (either format) through the whole pipeline; returns its ledger row.
-        `length`: write this step count into the length knob after the edit (a calibrated variant).
         `calibrate_noise`: calibration follows, with this seed-to-seed noise; a clearly better edit that is not yet
         significantly faster may stop at the judge's first look (Judge's learns_better_noise).
         `should_stop` is asked between runs; when it says yes, Stopped is raised and the experiment stays in flight."""
@@ -162,63 +161,58 @@ class Harness:
         self.require_baseline()
         self.check_data()
         parent = self.ws.head()
-        exp_id, done = self.records.claim(experiment_key(kind, text, length), parent)
+        exp_id, done = self.records.claim(experiment_key(kind, text), parent)
         state = self.state
-        exp_dir = self.ledger.exp_dir(exp_id)
-        (exp_dir / "edit.txt").write_text(text)
+        (self.ledger.exp_dir(exp_id) / "edit.txt").write_text(text)
         exp = Experiment(exp_id, kind, parent, time.time(), proposer, sandbox=self.devices.sandbox_note,
                          extra=dict(extra or {}))
         try:
             edit = parse_edit(text)
         except EditError as e:
-            return self._finish(exp, exp_dir, None, Decision.REJECTED, f"malformed edit: {e}", Stage.EDIT)
+            return self._finish(exp, None, Decision.REJECTED, f"malformed edit: {e}", Stage.EDIT)
         exp.hypothesis, exp.rationale = edit.hypothesis, edit.rationale
         self.events.experiment(exp_id, edit.hypothesis)
         try:
             violation = integrity.path_violation(edit.paths(), self.settings.paths.editable, self.settings.paths.protected)
         except EditError as e:
-            return self._finish(exp, exp_dir, None, Decision.REJECTED, f"malformed edit: {e}", Stage.EDIT)
+            return self._finish(exp, None, Decision.REJECTED, f"malformed edit: {e}", Stage.EDIT)
         if violation:
-            return self._finish(exp, exp_dir, None, Decision.REJECTED, violation, Stage.GUARD)
+            return self._finish(exp, None, Decision.REJECTED, violation, Stage.GUARD)
         cand_wt = self.ws.add_worktree("candidate", parent)
         inc_wt = None
         try:
             try:
                 changed = apply_edit(edit, cand_wt)
-                if length is not None:
-                    calibrate.set_length(cand_wt, self.settings.length.file, self.settings.length.pattern, length)
-                    changed = [*changed, self.settings.length.file]
-            except (EditError, calibrate.LengthError) as e:
-                return self._finish(exp, exp_dir, None, Decision.REJECTED, f"edit does not apply: {e}", Stage.EDIT)
+            except EditError as e:
+                return self._finish(exp, None, Decision.REJECTED, f"edit does not apply: {e}", Stage.EDIT)
             commit = self.ws.commit(cand_wt, edit.hypothesis or "ratchet edit")
             exp.diff = self.ws.diff(commit)
             if not exp.diff.strip():
-                return self._finish(exp, exp_dir, cand_wt, Decision.REJECTED, "no change", Stage.EDIT)
+                return self._finish(exp, cand_wt, Decision.REJECTED, "no change", Stage.EDIT)
             exp.fingerprint = tree_fingerprint(self.services.snapshot(parent), cand_wt, changed)
             duplicate = self.services.duplicate_of(exp.fingerprint)
             if duplicate:
-                return self._finish(exp, exp_dir, cand_wt, Decision.REJECTED, f"duplicate of experiment {duplicate['id']}",
+                return self._finish(exp, cand_wt, Decision.REJECTED, f"duplicate of experiment {duplicate['id']}",
                                     Stage.EDIT)
             findings = policy.check_files(cand_wt, changed, old_root=self.services.snapshot(parent))
             exp.policy = [asdict(f) for f in findings]
             if policy.rejecting(findings):
-                return self._finish(exp, exp_dir, cand_wt, Decision.REJECTED,
+                return self._finish(exp, cand_wt, Decision.REJECTED,
                                     "policy: " + policy.format_findings(policy.rejecting(findings)), Stage.POLICY)
             inc_wt = self.ws.add_worktree("incumbent", parent)
-            comparison = Comparison(self, cand_wt, inc_wt, exp_dir, exp, state["incumbent"], state["baseline"]["target"],
+            comparison = Comparison(self, exp, cand_wt, inc_wt, state["incumbent"], state["baseline"]["target"],
                                     calibrate_noise, should_stop)
             decision, reason, exp.verdict, stage = comparison.run(done)
-            return self._finish(exp, exp_dir, cand_wt, decision, reason, stage)
+            return self._finish(exp, cand_wt, decision, reason, stage)
         except integrity.IntegrityError as e:
-            return self._finish(exp, exp_dir, cand_wt, Decision.REJECTED, str(e), Stage.GUARD)
+            return self._finish(exp, cand_wt, Decision.REJECTED, str(e), Stage.GUARD)
         finally:
             for wt in (cand_wt, inc_wt):
                 if wt is not None:
                     self.ws.remove_worktree(wt)
 
-    def _finish(self, exp: Experiment, exp_dir: Path, cand_wt: Path | None, decision: Decision, reason: str,
-                stage: Stage) -> dict:
-        row = self.records.finish(exp, exp_dir, cand_wt, decision, reason, stage)
+    def _finish(self, exp: Experiment, cand_wt: Path | None, decision: Decision, reason: str, stage: Stage) -> dict:
+        row = self.records.finish(exp, cand_wt, decision, reason, stage)
         self.events.decided(row)
         return row
 

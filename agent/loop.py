@@ -18,7 +18,6 @@ and stop cleanly (the same command resumes the unfinished experiment with the ru
 kills the run at once. No run outlives the loop: a proposer's smoke run in flight is killed, and a proposal still being made (a daemon thread)
 can start no other.
 """
-import json
 import signal
 import threading
 import time
@@ -135,7 +134,6 @@ class Loop:
         self.budgets = budgets
         self.say = console.print if console is not None else print
         self.stop_file = harness.ledger.dir / "STOP"
-        self.path = harness.ledger.dir / "loop.json"  # budgets used and the queue, across resumes
         self.prefetch = prefetch  # False: ask for the next proposal only once the experiment is done (bench_loop)
         self.waited_s = 0.0       # seconds the loop waited for a proposal with the devices idle (bench_loop)
         self.pacing = pacing or Pacing()
@@ -143,30 +141,23 @@ class Loop:
         self.failures = 0         # failed proposals in a row
         self.proposal_s: list[float] = []    # how long each proposal asked just in time took
         self.experiment_s: list[float] = []  # how long each experiment took
-        # loop.json is changed by this thread and by the proposer thread (a proposal is queued the moment it
-        # arrives); every change is a read-modify-write under this lock. `closed`: the loop has exited, and a
-        # proposal that arrives now is not queued (a user's stop does not wait for one).
-        self.lock = threading.Lock()
+        # loop.json (budgets used and the queue, across resumes) is changed by this thread and by the proposer
+        # thread (a proposal is queued the moment it arrives), each change under the store's lock. `closed`: the
+        # loop has exited, and a proposal that arrives now is not queued (a user's stop does not wait for one).
         self.closed = False
 
-    # --- loop.json
-    def _load(self) -> dict:
-        """loop.json, or the state of a loop that has not started (call it under the lock)."""
-        if self.path.exists():
-            return json.loads(self.path.read_text())
+    # --- loop.json, in the tag's store (agent/records/ledger.py)
+    def _fresh(self) -> dict:
+        """The state of a loop that has not started."""
         return {"experiments": 0, "active_s": 0.0, "spent_usd": 0.0, "queue": [], "proposer": self.proposer.name}
 
     def _read(self) -> dict:
-        with self.lock:
-            return self._load()
+        return self.h.ledger.load_loop(self._fresh())
 
     def _update(self, change: Callable[[dict], None]) -> None:
-        with self.lock:
-            if self.closed:
-                return
-            loop = self._load()
-            change(loop)
-            self.h.ledger.write_json(self.path, loop)
+        with self.h.ledger.lock:
+            if not self.closed:
+                self.h.ledger.update_loop(change, self._fresh())
 
     def _enqueue(self, proposal: Proposal, made_on: str) -> None:
         """A proposal has arrived: it is paid for, and saved at once until it has run (a kill -9 loses nothing)."""
@@ -218,7 +209,7 @@ class Loop:
         the loop: the harness's devices stay locked from here on (one Loop per Harness, as `ratchet run` makes them)."""
         if ahead is not None and budget_stop:
             ahead.exception()  # waits; a proposer error is not this exit's business
-        with self.lock:
+        with self.h.ledger.lock:
             self.closed = True
         self.h.devices.close()  # no smoke run starts after this; one in flight is killed
 

@@ -37,7 +37,6 @@ def replay(h: Harness, revs: list[str], onto: str | None = None) -> list[dict]:
 
 def _replay_one(h: Harness, original: str, parent: str, commit: str, state: dict) -> dict:
     exp_id, done = h.records.claim(f"replay:{original}", parent)
-    exp_dir = h.ledger.exp_dir(exp_id)
     message = h.ws.message(original)
     exp = Experiment(exp_id, "replay", parent, time.time(), trailers(message).get("Ratchet-Proposer", ""),
                      hypothesis=message.splitlines()[0], diff=h.ws.diff(commit), commit=commit,
@@ -48,7 +47,7 @@ def _replay_one(h: Harness, original: str, parent: str, commit: str, state: dict
     # the parent may be any commit since the baseline: until its first run, assume the slowest known time
     reference = max(state["baseline"], state["incumbent"], key=lambda x: Arm.from_state(x).mean_seconds)
     try:
-        comparison = Comparison(h, cand_wt, inc_wt, exp_dir, exp, reference, state["baseline"]["target"])
+        comparison = Comparison(h, exp, cand_wt, inc_wt, reference, state["baseline"]["target"])
         decision, reason, exp.verdict, stage = comparison.run(done)
     finally:
         h.ws.remove_worktree(cand_wt)

@@ -75,3 +75,34 @@ def test_bracket_bisects_toward_the_shortest_length_that_meets_the_target():
 
 def test_no_plan_without_a_verdict():
     assert plan({"decision": "rejected", "reason": "crashed", "runs": []}, 40, 3.0, 0.01, 0.01, 0.3, 1.5)[0] is None
+
+
+def test_the_next_length_follows_from_the_variants_in_the_ledger():
+    """The plan's first guess, then the bisection on each variant's outcome as recorded, until a variant wins, the
+    lengths run out, or max_attempts variants were made: the same answer however often it is asked (a resume)."""
+    inc = [curve_run("incumbent", [6.0, 5.0, 4.5, 4.2, 4.0, 3.9, 3.8, 3.7], val=3.75)]
+    cand = [curve_run("candidate", [5.0, 4.2, 3.9, 3.7, 3.6, 3.5, 3.4, 3.3], val=3.40)]
+    first = {"id": "0002", "decision": "rejected", "reason": "not significant after 6 pairs", "runs": inc + cand,
+             "verdict": {"val_loss_mean": 3.40, "candidate_mean": 10.0, "incumbent_mean": 10.0}}
+    args = (40, 3.78, 0.01, 0.01, 0.3, 1.5)
+
+    def variant(steps, val, decision="rejected"):
+        return {"id": f"v{steps}", "steps_after": steps, "decision": decision, "verdict": {"val_loss_mean": val}}
+
+    guess, p, _ = calibrate.next_length(first, [], *args, max_attempts=3)
+    assert guess == p.first and p.direction == "shorter"
+    # met the target, not faster: shorter still, as the bracket says
+    b = Bracket(lo=None, hi=40, floor=12, ceiling=40)
+    b.record(guess, met_target=True)
+    assert calibrate.next_length(first, [variant(guess, 3.70)], *args, max_attempts=3)[0] == b.next(guess)
+    # too short next: between the two
+    second = b.next(guess)
+    b.record(second, met_target=False)
+    ran = [variant(guess, 3.70), variant(second, 3.90)]
+    assert calibrate.next_length(first, ran, *args, max_attempts=3)[0] == b.next(second) == (second + guess) // 2
+    assert calibrate.next_length(first, ran, *args, max_attempts=2)[0] is None  # the attempts are spent
+    # over at a win, or at a variant without a val loss (it crashed)
+    assert calibrate.next_length(first, [variant(guess, 3.70, "accepted")], *args, max_attempts=3)[0] is None
+    assert calibrate.next_length(first, [variant(guess, None)], *args, max_attempts=3)[0] is None
+    # no plan, no variant
+    assert calibrate.next_length({**first, "decision": "accepted"}, [], *args, max_attempts=3)[0] is None

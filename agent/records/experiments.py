@@ -48,31 +48,27 @@ class Experiments:
         if inflight and inflight.get("key") == key and inflight["parent"] == parent:
             return inflight["id"], self.ledger.journal(inflight["id"])
         self.drop_inflight()
-        state = self.ledger.load_state()
         exp_id = self.ledger.next_id()
         self.ledger.exp_dir(exp_id).mkdir(parents=True, exist_ok=True)
-        state["inflight"] = {"id": exp_id, "parent": parent, "key": key}
-        self.ledger.save_state(state)
+        self.ledger.update_state(lambda state: state.update(inflight={"id": exp_id, "parent": parent, "key": key}))
         return exp_id, []
 
     def drop_inflight(self) -> None:
         """Forget the experiment in flight; its folder goes too unless the ledger already has its row."""
-        state = self.ledger.load_state()
-        inflight = state.pop("inflight", None)
+        inflight = self.ledger.load_state().get("inflight")
         if inflight is None:
             return
         if self.ledger.row(inflight["id"]) is None:
             shutil.rmtree(self.ledger.exp_dir(inflight["id"]), ignore_errors=True)
-        self.ledger.save_state(state)
+        self.ledger.update_state(lambda state: state.pop("inflight", None))
 
-    def finish(self, exp: Experiment, exp_dir: Path, cand_wt: Path | None, decision: Decision, reason: str,
-               stage: Stage) -> dict:
+    def finish(self, exp: Experiment, cand_wt: Path | None, decision: Decision, reason: str, stage: Stage) -> dict:
         """Record a decision; -> the ledger row. `stage`: what decided: edit, guard, policy, smoke, screen, run (a
         candidate run failed), judge."""
         exp.decide(decision, reason, stage)
         if cand_wt is not None:
             exp.commit = self.ws.amend_message(cand_wt, commit_message(exp, self.ws.tag))
-        self.ledger.write_json(exp_dir / "result.json", exp.to_row())  # the point of no return: recover() finishes from here
+        self.ledger.write_json(self.ledger.exp_dir(exp.id) / "result.json", exp.to_row())  # the point of no return: recover() finishes from here
         self.publish(exp)
         return exp.to_row()
 
@@ -85,13 +81,14 @@ class Experiments:
             exp.ref = self.ws.keep_rejected(exp.id, exp.commit)
         if self.ledger.row(exp.id) is None:
             self.ledger.append(exp.to_row())
-        state = self.ledger.load_state()
-        if exp.decision == Decision.ACCEPTED:
-            cand = [r for r in exp.runs if r["arm"] == CANDIDATE]
-            state["incumbent"] = Arm(exp.commit, [r["seconds"] for r in cand], [r["val_loss"] for r in cand],
-                                     cand[-1]["curve"]).to_state()
-        state.pop("inflight", None)
-        self.ledger.save_state(state)
+
+        def land(state):
+            if exp.decision == Decision.ACCEPTED:
+                cand = [r for r in exp.runs if r["arm"] == CANDIDATE]
+                state["incumbent"] = Arm(exp.commit, [r["seconds"] for r in cand], [r["val_loss"] for r in cand],
+                                         cand[-1]["curve"]).to_state()
+            state.pop("inflight", None)
+        self.ledger.update_state(land)
 
     def recover(self) -> None:
         """After a crash or kill -9 (its orphaned runs killed by the caller): finish a saved decision. An experiment
@@ -105,9 +102,10 @@ class Experiments:
         self.ws.remove_all_worktrees()
 
 
-def experiment_key(kind: str, text: str, length: int | None) -> str:
-    """What makes two requests the same experiment, for resume: the edit's text, its kind and calibrated length."""
-    return f"{kind}:{length}:" + hashlib.sha256(text.encode()).hexdigest()
+def experiment_key(kind: str, text: str) -> str:
+    """What makes two requests the same experiment, for resume: the edit's text and its kind (a calibrated
+    variant's text holds its length)."""
+    return f"{kind}:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def order_seed(tag: str, exp_id: str) -> int:

@@ -1,13 +1,18 @@
-"""runs/<tag>/: the ledger (one JSON row per experiment), results.tsv, state.json and each experiment's journal
-of finished runs, for resume.
+"""runs/<tag>/, the one store of a tag: the ledger (one JSON row per experiment), results.tsv, state.json (the
+baseline, the incumbent, the experiment in flight), loop.json (the loop's budgets used and its queue of proposals)
+and each experiment's journal of finished runs, for resume.
 
 Crash safety: a row is one `write` on an O_APPEND descriptor followed by fsync, so a kill -9 leaves
-either the whole row or a torn last line, which `rows()` ignores. state.json is replaced atomically.
+either the whole row or a torn last line, which `rows()` ignores. state.json and loop.json are replaced atomically.
+One lock (`lock`) holds every read-modify-write of them: the loop's proposer thread queues a proposal while the
+main thread records an experiment.
 Nothing written here may contain a secret: rows pass through `redaction.redact`.
 """
 import json
 import os
+import threading
 from pathlib import Path
+from typing import Callable
 
 from agent.guard.redaction import redact
 
@@ -49,6 +54,8 @@ class Ledger:
         self.path = self.dir / "ledger.jsonl"
         self.tsv = self.dir / "results.tsv"
         self.state_path = self.dir / "state.json"
+        self.loop_path = self.dir / "loop.json"
+        self.lock = threading.RLock()
 
     def rows(self) -> list[dict]:
         return _read_lines(self.path)
@@ -71,6 +78,26 @@ class Ledger:
 
     def save_state(self, state: dict) -> None:
         _atomic_write(self.state_path, redact(json.dumps(state, indent=2, sort_keys=True)))
+
+    def update_state(self, change: Callable[[dict], None]) -> dict:
+        """state.json changed by `change(state)` under the lock; -> the new state."""
+        with self.lock:
+            state = self.load_state()
+            change(state)
+            self.save_state(state)
+            return state
+
+    def load_loop(self, fresh: dict) -> dict:
+        """loop.json, or `fresh` (the state of a loop that has not started)."""
+        with self.lock:
+            return json.loads(self.loop_path.read_text()) if self.loop_path.exists() else fresh
+
+    def update_loop(self, change: Callable[[dict], None], fresh: dict) -> None:
+        """loop.json changed by `change(loop)` under the lock."""
+        with self.lock:
+            loop = self.load_loop(fresh)
+            change(loop)
+            self.write_json(self.loop_path, loop)
 
     def exp_dir(self, exp_id: str) -> Path:
         return self.dir / f"exp-{exp_id}"

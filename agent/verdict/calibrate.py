@@ -15,7 +15,9 @@ edit with the length knob (ratchet.toml [length]) moved, through the full judge:
 - longer: the candidate is faster per run but missed the target by a little. First guess: the extra steps its
   end-of-run loss slope needs to close the gap, capped where the predicted wall-clock would stop being a win.
 Then bisection on the outcome (too short: lengthen; met the target but not faster: shorten), at most
-[length] max_attempts derived experiments per edit, each a ledger row linked to its parent.
+[length] max_attempts derived experiments per edit, each a ledger row linked to its parent. Each variant is an
+ordinary edit (agent/experiment.py writes it: the parent edit's change with the knob moved), and the next length is
+a function of the ledger rows alone (`next_length`), so a resume needs no bookkeeping of its own.
 """
 import math
 import re
@@ -175,3 +177,26 @@ def plan(row: dict, length: int, target: float, noise: float, min_speedup: float
         return Plan("longer", length, first, Bracket(lo=length, hi=None, floor=length + 1, ceiling=max_length)), \
             f"faster per run but val loss {val:.4f} misses target {target:.4f} by {gap:.4f}"
     return None, "neither clearly better than the target nor a near miss that is faster"
+
+
+def next_length(first: dict, variants: list[dict], length: int, target: float, noise: float, min_speedup: float,
+                min_fraction: float, max_fraction: float, max_attempts: int) -> tuple[int | None, Plan | None, str]:
+    """The step count of the next calibrated variant of the edit judged in `first` (a ledger row) at `length`
+    steps, after its `variants` so far (ledger rows, in the order they ran) -> (steps, plan, why); steps None when
+    calibration is over: no plan, a variant accepted or without a val loss, the bisection done, or max_attempts
+    variants made."""
+    p, why = plan(first, length, target, noise, min_speedup, min_fraction, max_fraction)
+    if p is None:
+        return None, None, why
+    steps = p.first
+    for v in variants:
+        val = (v.get("verdict") or {}).get("val_loss_mean")
+        if v["decision"] == "accepted" or val is None:
+            return None, p, f"variant {v['id']} {v['decision']}"
+        p.bracket.record(v["steps_after"], met_target=val <= target)
+        steps = p.bracket.next(v["steps_after"])
+        if steps is None:
+            return None, p, "no untried length is left between the lengths tried"
+    if len(variants) >= max_attempts:
+        return None, p, f"{max_attempts} variants made ([length] max_attempts)"
+    return steps, p, why
