@@ -4,21 +4,29 @@ PY := $(VENV)/bin/python
 TAG ?= demo
 
 # torch==2.13.0 first: it is the CPU wheel on our machines; an unpinned torch pulls a multi-GB CUDA build.
-# fineweb (huggingface_hub): `ratchet init` on a GPU box downloads FineWeb shards.
-$(VENV)/.installed: pyproject.toml
+# fineweb (huggingface_hub): `ratchet init` on a GPU box downloads FineWeb shards. `make run` needs no more;
+# `make install` and `make test` add the dev extra (pytest, and triton for the interpreter tests).
+$(VENV)/.runtime: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e '.[fineweb]'
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.runtime
 	$(VENV)/bin/pip install -q -e '.[dev,fineweb]'
 	touch $@
 
 install: $(VENV)/.installed
 
 EXPERIMENTS ?= 3
+PRESET ?=
 
 # the main job on the embedded CPU default: ratchet.toml + offline stdlib data + environment check, then the
-# research loop (catalog proposer without an API key) for a bounded demo; `git log ratchet/$(TAG)` afterwards
-run: $(VENV)/.installed
-	$(VENV)/bin/ratchet init
+# research loop (catalog proposer without an API key) for a bounded demo; `git log ratchet/$(TAG)` afterwards.
+# Without PRESET, `ratchet init` picks: cpu-test without a GPU (a first verdict within minutes), gpt2-research with
+# GPUs; `make run PRESET=cpu-tiny` for the CPU model that learns (its first verdict 20-45 minutes in).
+run: $(VENV)/.runtime
+	$(VENV)/bin/ratchet init $(if $(PRESET),--preset $(PRESET))
 	$(VENV)/bin/ratchet run --tag $(TAG) --max-experiments $(EXPERIMENTS)
 	$(VENV)/bin/ratchet log --tag $(TAG)
 

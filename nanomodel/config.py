@@ -39,10 +39,11 @@ class Config:
 
 
 CONFIGS: dict[str, Config] = {
-    # a few seconds on 2 CPU cores: for tests of the pipeline, not for learning
+    # a few seconds of training on 2 CPU cores (~10 s a run with start-up): the pipeline's tests, and the default
+    # without a GPU, so a first `make run` shows verdicts within minutes; learns little (val loss 8.3 -> 6.2)
     "cpu-test": Config(seq_len=64, n_layer=2, n_head=2, n_embd=64, batch_size=16, micro_batch_size=16,
                        steps=40, lr=3e-3, log_every=5, peak_flops=1.1e11),
-    # the CPU default: ~1.5 minutes on 2 cores, learns Python source clearly (loss 8.3 -> under 4)
+    # research without a GPU: 1.5-3 minutes on 2 cores, learns Python source (val loss 8.3 -> about 5.3)
     "cpu-tiny": Config(peak_flops=1.1e11),
     # llm.c-style GPT-2 small on FineWeb, 8 GPUs: 19,073 steps x 524,288 tokens = 10B tokens, target val loss 3.28
     "gpt2-124m": Config(dataset="fineweb", vocab_size=50257, seq_len=1024, n_layer=12, n_head=12, n_embd=768,

@@ -80,7 +80,7 @@ def test_not_blind_without_gpus_with_torch_seeing_them_or_with_them_hidden_on_pu
 def test_init_presets_refuse_a_cpu_night_on_a_blind_gpu_box():
     with pytest.raises(box.BoxError, match=r">= 580.*--preset cpu-tiny"):
         box.default_preset(BLIND)
-    assert box.default_preset(dataclasses.replace(BLIND, nodes=0)) == "cpu-tiny"
+    assert box.default_preset(dataclasses.replace(BLIND, nodes=0)) == "cpu-test"
     assert box.default_preset(dataclasses.replace(BLIND, torch_count=8, torch_mem_gib=79.6)) == "gpt2-research"
 
 

@@ -169,9 +169,13 @@ def test_init_fits_the_box_and_applies_set(repo, dataset, monkeypatch, capsys):
     assert "4 GPU process(es), micro-batch 16" in capsys.readouterr().err
 
 
-def test_init_set_needs_force_over_an_existing_toml_and_bad_assignments_are_named(repo, capsys):
+def test_init_preset_and_set_need_force_over_an_existing_toml_and_bad_assignments_are_named(repo, capsys):
+    before = (repo / "ratchet.toml").read_text()
     assert cli.main(["init", "--set", "judge.max_pairs = 2"]) == 2
-    assert "add --force" in capsys.readouterr().err
+    assert "(add --force)" in " ".join(capsys.readouterr().err.split())  # rich folds the line
+    assert cli.main(["init", "--preset", "cpu-tiny"]) == 2  # `make run PRESET=cpu-tiny` over another preset's file
+    assert "(add --force)" in " ".join(capsys.readouterr().err.split())
+    assert (repo / "ratchet.toml").read_text() == before
     assert cli.main(["init", "--force", "--set", "judge.nope = 2"]) == 2
     assert "unknown key [judge] nope" in capsys.readouterr().err
 

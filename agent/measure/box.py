@@ -151,12 +151,15 @@ def torch_blind(g: Gpus) -> tuple[str, str] | None:
 
 
 def default_preset(g: Gpus) -> str:
-    """The preset `ratchet init` writes without --preset: gpt2-research where torch sees GPUs, cpu-tiny where there
-    are none. Where GPUs are there but torch is blind to them, a refusal: a CPU night on a GPU box is never meant."""
+    """The preset `ratchet init` writes without --preset: gpt2-research where torch sees GPUs, cpu-test where there
+    are none. Without a GPU, Ratchet is being tried out, and cpu-test's runs of about 10 s show a first verdict
+    minutes after `make run` starts; cpu-tiny, whose 1.35M-parameter model learns for real in 1.5-3 minutes a run,
+    puts its first verdict 20-45 minutes in (README, "How long"). Where GPUs are there but torch is blind to them, a
+    refusal: a CPU night on a GPU box is never meant."""
     blind = torch_blind(g)
     if blind:
         raise BoxError(f"{blind[0]}. Fix: {blind[1]}. To train on the CPU anyway: ratchet init --preset cpu-tiny")
-    return "gpt2-research" if g.torch_count else "cpu-tiny"
+    return "gpt2-research" if g.torch_count else "cpu-test"
 
 
 # ---------------------------------------------------------------------------------------------- what fits

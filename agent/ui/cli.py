@@ -73,8 +73,9 @@ def cmd_init(args) -> int:
     gpus = box.detect()
     path = root / settings_mod.FILENAME
     if path.exists() and not args.force:
-        if args.set:
-            raise SettingsError(f"{path} exists: --set applies to a ratchet.toml being written (add --force)")
+        if args.set or args.preset:  # asked for settings the kept file may not have: say so instead of ignoring it
+            raise SettingsError(f"{path} exists: --preset and --set apply to a ratchet.toml being written "
+                                "(add --force)")
         err.print(f"{path} exists: keeping it (--force to overwrite)")
         s = settings_mod.load(root)
     else:
