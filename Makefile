@@ -24,9 +24,10 @@ PRESET ?=
 # the main job on the embedded CPU default: ratchet.toml + offline stdlib data + environment check, then the
 # research loop (catalog proposer without an API key) for a bounded demo; `git log ratchet/$(TAG)` afterwards.
 # Without PRESET, `ratchet init` picks: cpu-test without a GPU (a first verdict within minutes), gpt2-research with
-# GPUs; `make run PRESET=cpu-tiny` for the CPU model that learns (its first verdict 20-45 minutes in).
+# GPUs, and keeps a ratchet.toml that exists. PRESET=NAME writes that preset's (`make run PRESET=cpu-tiny TAG=tiny`
+# for the CPU model that learns, its first verdict 20-45 minutes in; a tag measured with other settings refuses).
 run: $(VENV)/.runtime
-	$(VENV)/bin/ratchet init $(if $(PRESET),--preset $(PRESET))
+	$(VENV)/bin/ratchet init $(if $(PRESET),--preset $(PRESET) --force)
 	$(VENV)/bin/ratchet run --tag $(TAG) --max-experiments $(EXPERIMENTS)
 	$(VENV)/bin/ratchet log --tag $(TAG)
 

@@ -5,6 +5,7 @@ for the whole tag. A resumed baseline keeps the runs it finished (its journal) a
 import time
 from dataclasses import asdict
 
+from agent import settings as settings_mod
 from agent.comparison import HarnessError, Stopped
 from agent.guard import integrity
 from agent.harness import Harness
@@ -69,7 +70,7 @@ def measure_baseline(h: Harness, force: bool = False, should_stop=lambda: False)
     h.ledger.append(exp.to_row())
 
     def land(state):
-        state.update(baseline=baseline, incumbent=arm.to_state())
+        state.update(baseline=baseline, incumbent=arm.to_state(), run_definition=settings_mod.run_definition(s))
         state.pop("inflight", None)
     h.ledger.update_state(land)
     return baseline

@@ -91,9 +91,18 @@ class Harness:
         return self.ledger.load_state()
 
     def require_baseline(self) -> dict:
-        state = self.state
+        """The tag's state, with a baseline measured under the settings in force now (settings.run_definition; a
+        tag from before that record is taken as it is)."""
+        state, tag = self.state, self.ws.tag
         if "baseline" not in state:
-            raise HarnessError(f"no baseline for tag {self.ws.tag!r}: run `ratchet baseline --tag {self.ws.tag}` first")
+            raise HarnessError(f"no baseline for tag {tag!r}: run `ratchet baseline --tag {tag}` first")
+        now = settings_mod.run_definition(self.settings)
+        changed = [f"{key} {was!r} -> {now.get(key)!r}" for key, was in state.get("run_definition", {}).items()
+                   if now.get(key) != was]
+        if changed:
+            raise HarnessError(f"{settings_mod.FILENAME} changed since tag {tag!r}'s baseline ({'; '.join(changed)}): "
+                               f"its times and target hold only for the settings they were measured with; restore "
+                               f"them, or use a new --tag")
         return state
 
     def check_data(self, new_baseline: bool = False) -> None:

@@ -309,6 +309,7 @@ class Loop:
                 if "baseline" not in h.state:
                     self.say("no baseline for this tag yet: measuring it first")
                     measure_baseline(h, should_stop=stop)
+                h.require_baseline()  # measured under these settings: refused before any proposal is paid for
                 while True:
                     if getattr(self.proposer, "reads_profile", False):
                         h.profile_incumbent()  # after the baseline and after an accept: a short run; else kept

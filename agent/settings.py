@@ -185,6 +185,13 @@ def validate(s: Settings) -> Settings:
     return s
 
 
+def run_definition(s: Settings) -> dict:
+    """The settings that define a timed run and its val loss. A tag's baseline (its times, its target) holds only
+    for these: its state records them, and a command on the tag refuses to go on when they differ."""
+    return {"train.command": s.train.command, "train.config": s.train.config, "train.nproc": s.train.nproc,
+            "eval.tokens": s.eval.tokens, "eval.window": s.eval.window}
+
+
 def judge_params(s: Settings) -> JudgeParams:
     """The judge's parameters from [judge]."""
     j = s.judge

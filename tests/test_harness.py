@@ -206,6 +206,29 @@ def test_a_changed_shard_stops_before_any_verdict(tmp_path, dataset, capsys, mon
     assert git.Repo(root).git.rev_parse("ratchet/default") == head
 
 
+def test_settings_changed_since_the_baseline_stop_try_and_run_until_restored(repo, capsys, tmp_path):
+    """The baseline's times and target hold for the runs it measured: a ratchet.toml rewritten afterwards (`ratchet
+    init --preset X --force` over a tag's settings) stops `try` and `run` with the key that changed, before any run
+    or proposal, recording nothing; with the file restored the tag goes on."""
+    ratchet(capsys, "baseline")
+    head = git.Repo(repo).git.rev_parse("ratchet/default")
+    toml = repo / "ratchet.toml"
+    measured = toml.read_text()
+    toml.write_text(measured.replace("tokens = 1024", "tokens = 2048"))
+    crash = tmp_path / "crash.txt"
+    crash.write_text(edit("CRASH = False", "CRASH = True", "crash at step 3"))
+    for args in (["try", str(crash)], ["run", "--proposer", "catalog", "--max-experiments", "1"]):
+        assert cli.main(args) == 2
+        err = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
+        assert "changed since tag 'default''s baseline (eval.tokens 1024 -> 2048)" in err and "new --tag" in err, err
+    assert [r["kind"] for r in ledger(repo)] == ["baseline"]
+    assert git.Repo(repo).git.rev_parse("ratchet/default") == head
+
+    toml.write_text(measured)
+    out = ratchet(capsys, "try", str(crash))
+    assert out["decision"] == "rejected" and "crashed" in out["reason"]
+
+
 def test_compile_caches_are_deleted_after_each_run(repo, capsys, tmp_path):
     ratchet(capsys, "baseline")
     cache = tmp_path / "cache.txt"  # fills the run's inductor cache, then crashes in its first timed run
