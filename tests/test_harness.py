@@ -223,6 +223,8 @@ def test_settings_changed_since_the_baseline_stop_try_and_run_until_restored(rep
         assert "changed since tag 'default''s baseline (eval.tokens 1024 -> 2048)" in err and "new --tag" in err, err
     assert [r["kind"] for r in ledger(repo)] == ["baseline"]
     assert git.Repo(repo).git.rev_parse("ratchet/default") == head
+    loop = repo / "runs" / "default" / "loop.json"
+    assert not loop.exists() or json.loads(loop.read_text())["queue"] == []  # no proposal was asked for
 
     toml.write_text(measured)
     out = ratchet(capsys, "try", str(crash))
